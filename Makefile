@@ -1,0 +1,21 @@
+# Two commands for a fresh machine: `make demo` (whole pipeline on generated data) and `make test`.
+# Each sets up .venv first (CPU torch before the rest, so pip does not pull a multi-GB CUDA build).
+PY := .venv/bin/python
+ENV := DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: test demo lint
+
+.venv/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: .venv/.installed
+	$(ENV) $(PY) -m pytest -q
+
+demo: .venv/.installed
+	$(ENV) $(PY) -m geoloc.demo --out demo_out
+
+lint: .venv/.installed
+	$(PY) -m ruff check geoloc tests bench *.py
