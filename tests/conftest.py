@@ -14,3 +14,21 @@ def tiny_clip_dir(tmp_path_factory):
     from geoloc.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory):
+    """A generated data root in the competition layout (48 train, 12 test samples)."""
+    from geoloc.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("data"), n_train=48, n_test=12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_data_root, tmp_path_factory):
+    """Shards of ``tiny_data_root``: train/val/test, 7 samples per shard (several shards a split)."""
+    from geoloc.sharding import shard_dataset
+
+    out = tmp_path_factory.mktemp("shards")
+    shard_dataset(tiny_data_root, out, val_fraction=0.25, seed=0, samples_per_shard=7, workers=1)
+    return out
