@@ -1,0 +1,1 @@
+"""The trainer: phases, embedding cache, optimiser/schedule, checkpoints, tracking."""
