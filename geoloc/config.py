@@ -131,8 +131,10 @@ def _merge(base, overrides, source: str):
     try:
         return OmegaConf.merge(base, overrides)
     except OmegaConfBaseException as err:
+        # OmegaConf messages carry a multi-line trailer (reference_type=...); keep the first line
         key = getattr(err, "full_key", None)
-        raise ConfigError(f"{source}: invalid key {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: {key}: {reason}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:
