@@ -1,0 +1,38 @@
+"""Test-time augmentation: centre crops at a few scales, each resized back by the preprocessor.
+
+No horizontal flip: a mirror image swaps the driving side and the sun's side, which are real cues for a
+US state, so a flip would feed the model views it never sees in the wild.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def crop_views(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Centre crop keeping ``scale`` of each side: ``(B, V, 3, H, W) -> (B, V, 3, h, w)``, same dtype.
+
+    ``scale == 1`` returns the input itself; the preprocessor then resizes any size to the backbone's.
+    """
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"TTA scale {scale}: must be in (0, 1]")
+    if scale == 1.0:
+        return images
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[..., top : top + ch, left : left + cw]
+
+
+def parse_scales(text: str | None) -> tuple[float, ...]:
+    """``"1.0,0.9"`` (comma or space separated) -> ``(1.0, 0.9)``; ``None``/``"none"`` -> ``(1.0,)``."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return (1.0,)
+    try:
+        scales = tuple(float(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"--tta {text!r}: expected numbers like '1.0,0.9'") from None
+    for s in scales:
+        if not 0.0 < s <= 1.0:
+            raise ValueError(f"--tta {text!r}: scale {s} is not in (0, 1]")
+    return scales

@@ -1,0 +1,243 @@
+"""Run a model over an evaluation loader on every rank and gather the predictions by sample id.
+
+Shared by the trainer's validation and by ``infer.py``, so both report identical numbers. Each rank
+predicts the samples its loader yields and keeps them locally; ranks may see different numbers of
+batches, so the only collective is ONE ``gather_object`` at the very end. The gathered rows are sorted
+by sample id and de-duplicated (a sample seen twice must have the same prediction; none is ever lost).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+PROB_ATOL = 1e-3  # two copies of one sample may differ by batch-dependent rounding (bf16), not more
+
+
+@dataclass
+class Predictions:
+    """Per-sample model outputs, numpy arrays aligned on ``sample_id`` (sorted after gathering).
+
+    Rows whose sample had no readable view (``n_views == 0``) carry NaN ``probs`` and ``gps``: the model
+    saw nothing, so the caller must predict them from the prior (see ``geoloc.infer.submission``).
+    """
+
+    sample_id: np.ndarray  # (N,) str
+    probs: np.ndarray  # (N, C) float32 softmax over contiguous classes
+    gps: np.ndarray  # (N, 2) float32 predicted (lat, lon) in degrees
+    label: np.ndarray  # (N,) int64 contiguous class, -1 when unlabelled
+    latlon: np.ndarray  # (N, 2) float32 true (lat, lon), NaN when unlabelled
+    n_views: np.ndarray  # (N,) int64 readable views the model saw
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    def take(self, index) -> "Predictions":
+        """Rows ``index`` (an integer array or a boolean mask) of every field."""
+        return Predictions(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def has_views(self) -> np.ndarray:
+        """(N,) bool: the model saw at least one view of the sample."""
+        return self.n_views > 0
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """(N,) bool: the sample has a true state (val/train splits)."""
+        return self.label >= 0
+
+
+def empty_predictions(num_classes: int) -> Predictions:
+    """Zero rows with the right dtypes (a rank whose loader yielded nothing)."""
+    return Predictions(
+        sample_id=np.array([], dtype=object),
+        probs=np.zeros((0, num_classes), np.float32),
+        gps=np.zeros((0, 2), np.float32),
+        label=np.zeros((0,), np.int64),
+        latlon=np.zeros((0, 2), np.float32),
+        n_views=np.zeros((0,), np.int64),
+    )
+
+
+def concat_predictions(parts: list[Predictions]) -> Predictions:
+    """Stack rows of several parts, field by field (order kept; no sorting, no de-duplication)."""
+    if not parts:
+        raise ValueError("concat_predictions needs at least one part")
+    filled = [p for p in parts if len(p)] or parts[:1]  # an empty rank's part has no class width
+    widths = {p.probs.shape[1] for p in filled}
+    if len(widths) > 1:
+        raise ValueError(f"parts disagree on the number of classes: {sorted(widths)}")
+    return Predictions(**{f.name: np.concatenate([getattr(p, f.name) for p in filled]) for f in fields(Predictions)})
+
+
+def dedupe_by_id(preds: Predictions, atol: float = PROB_ATOL) -> Predictions:
+    """Sort rows by sample id and keep one row per id.
+
+    Raises ``ValueError`` naming the sample when two rows share an id but differ (a loader or gather
+    bug must never silently pick one of two answers).
+    """
+    ids = preds.sample_id.astype(str)
+    order = np.argsort(ids, kind="stable")
+    preds = preds.take(order)
+    ids = ids[order]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    for i in np.flatnonzero(~first):
+        _check_same_row(preds, i - 1, i, atol)  # sorted: a duplicate sits right after its twin
+    return preds.take(first)
+
+
+def _check_same_row(preds: Predictions, i: int, j: int, atol: float) -> None:
+    exact = ("label", "n_views")
+    close = ("probs", "gps", "latlon")
+    same = all(np.array_equal(getattr(preds, k)[i], getattr(preds, k)[j]) for k in exact) and all(
+        np.allclose(getattr(preds, k)[i], getattr(preds, k)[j], atol=atol, rtol=0, equal_nan=True) for k in close
+    )
+    if not same:
+        raise ValueError(f"sample {preds.sample_id[i]!r} was predicted twice with different results")
+
+
+def gather_predictions(local: Predictions, accelerator) -> Predictions:
+    """One ``gather_object`` of every rank's rows, then sort + de-duplicate; the result is on every rank."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([local.to_dict()])  # a list with one dict per rank
+    return dedupe_by_id(concat_predictions([Predictions(**p) for p in parts]))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 autocast on GPU, plain fp32 elsewhere (CPU bf16 is slow and changes results)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_probs(model, pixels_fn, images, view_mask, tta_scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and GPS of one batch, averaged over the TTA scales.
+
+    ``pixels_fn(images (B, V, 3, H, W) uint8) -> (B, V, 3, S, S) float``; returns ``(B, C), (B, 2)``
+    float32. Rows without any view get an all-True mask so the model never averages zero views; their
+    outputs are overwritten with NaN by the caller.
+    """
+    from geoloc.infer.tta import crop_views
+
+    has_view = view_mask.any(dim=1)  # (B,)
+    safe_mask = view_mask | ~has_view[:, None]  # (B, V)
+    probs, gps = 0.0, 0.0
+    for scale in tta_scales:
+        out = model(pixels_fn(crop_views(images, scale)), safe_mask)
+        probs = probs + torch.softmax(out.logits.float(), dim=-1)
+        gps = gps + out.gps.float()
+    nan = torch.tensor(float("nan"), device=images.device)
+    probs = torch.where(has_view[:, None], probs / len(tta_scales), nan)
+    gps = torch.where(has_view[:, None], gps / len(tta_scales), nan)
+    return probs, gps
+
+
+def _batch_rows(batch: dict, probs: torch.Tensor, gps: torch.Tensor) -> Predictions:
+    """A batch's outputs and targets as numpy rows."""
+    return Predictions(
+        sample_id=np.asarray(list(batch["sample_id"]), dtype=object),
+        probs=probs.cpu().numpy().astype(np.float32),
+        gps=gps.cpu().numpy().astype(np.float32),
+        label=batch["label"].cpu().numpy().astype(np.int64),
+        latlon=batch["latlon"].cpu().numpy().astype(np.float32),
+        n_views=batch["view_mask"].sum(dim=1).cpu().numpy().astype(np.int64),
+    )
+
+
+def _loader_len(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an IterableDataset loader may not know its length
+        return None
+
+
+@torch.no_grad()
+def predict(
+    model,
+    loader,
+    preprocessor,
+    accelerator,
+    *,
+    dtype: torch.dtype | None = None,
+    tta_scales: tuple[float, ...] | None = None,
+    progress: bool = True,
+) -> Predictions:
+    """Predict every sample of ``loader`` (this rank's share) and gather all ranks' rows.
+
+    ``model(pixels, view_mask)`` returns ``.logits (B, C)`` and ``.gps (B, 2)``; ``preprocessor`` maps
+    uint8 ``(B, V, 3, H, W)`` to normalised float pixels on the device. ``dtype`` defaults to bf16 on
+    GPU and fp32 on CPU. ``tta_scales`` are centre-crop fractions averaged over (default: ``(1.0,)``).
+    The model's train/eval mode is restored afterwards (the trainer calls this mid-training).
+    Returns the gathered predictions, sorted by sample id, on every rank.
+    """
+    device = accelerator.device
+    dtype = dtype or default_dtype(device)
+    scales = tuple(tta_scales or (1.0,))
+    was_training = model.training
+    model.eval()
+    rows = []
+    bar = tqdm(total=_loader_len(loader), desc="predict", unit="batch", disable=not (progress and accelerator.is_main_process))
+    n_seen, t0 = 0, time.perf_counter()
+    with _autocast(device, dtype):
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W) uint8
+            view_mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V) bool
+            probs, gps = forward_probs(model, preprocessor, images, view_mask, scales)
+            rows.append(_batch_rows(batch, probs, gps))
+            n_seen += len(batch["sample_id"])
+            bar.update(1)
+            rate = n_seen * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix({"samples/s": f"{rate:.1f}"})  # all ranks, assuming they keep pace
+    bar.close()
+    model.train(was_training)
+    local = concat_predictions(rows) if rows else empty_predictions(0)  # a rank may get no batch
+    return gather_predictions(local, accelerator)
+
+
+def evaluate(preds: Predictions, encoder, prior=None) -> dict:
+    """Competition metrics (score, parts, accuracies, km statistics) on the labelled rows of ``preds``.
+
+    The top 5 are decoded to ORIGINAL state indices before scoring. Rows with no readable view are
+    predicted by ``prior`` (a ``geoloc.metrics.Prior``); without one they are an error, naming the ids.
+    """
+    from geoloc.metrics import competition_metrics
+
+    lab = preds.take(preds.labelled)
+    if len(lab) == 0:
+        raise ValueError("evaluate: no labelled sample (is this the test split?)")
+    top5, latlon = point_predictions(lab, encoder, prior)
+    true_state = encoder.decode(lab.label)
+    metrics = competition_metrics(top5, true_state, latlon, lab.latlon.astype(np.float64))
+    return {**metrics, "n_samples": int(len(lab))}
+
+
+def point_predictions(preds: Predictions, encoder, prior=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, 5)`` original state indices and ``(N, 2)`` lat/lon, rows without views from ``prior``."""
+    from geoloc.metrics import top5_from_probs
+
+    blind = ~preds.has_views
+    if blind.any() and prior is None:
+        ids = preds.sample_id[blind][:10].tolist()
+        raise ValueError(f"{int(blind.sum())} sample(s) had no readable view and no prior was given: {ids}")
+    probs = np.where(blind[:, None], 0.0, preds.probs).astype(np.float32)  # NaN rows are replaced below
+    top5 = np.asarray(top5_from_probs(probs, encoder), dtype=np.int64)
+    latlon = preds.gps.astype(np.float64)
+    if blind.any():
+        prior_top5, prior_latlon = prior.predict(int(blind.sum()))
+        top5[blind] = np.asarray(prior_top5, dtype=np.int64)
+        latlon[blind] = np.asarray(prior_latlon, dtype=np.float64)
+    return top5, latlon
