@@ -37,7 +37,7 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.sample_id)
 
-    def take(self, index) -> "Predictions":
+    def take(self, index) -> Predictions:
         """Rows ``index`` (an integer array or a boolean mask) of every field."""
         return Predictions(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
@@ -75,7 +75,9 @@ def concat_predictions(parts: list[Predictions]) -> Predictions:
     widths = {p.probs.shape[1] for p in filled}
     if len(widths) > 1:
         raise ValueError(f"parts disagree on the number of classes: {sorted(widths)}")
-    return Predictions(**{f.name: np.concatenate([getattr(p, f.name) for p in filled]) for f in fields(Predictions)})
+    return Predictions(
+        **{f.name: np.concatenate([getattr(p, f.name) for p in filled]) for f in fields(Predictions)}
+    )
 
 
 def dedupe_by_id(preds: Predictions, atol: float = PROB_ATOL) -> Predictions:
@@ -99,7 +101,8 @@ def _check_same_row(preds: Predictions, i: int, j: int, atol: float) -> None:
     exact = ("label", "n_views")
     close = ("probs", "gps", "latlon")
     same = all(np.array_equal(getattr(preds, k)[i], getattr(preds, k)[j]) for k in exact) and all(
-        np.allclose(getattr(preds, k)[i], getattr(preds, k)[j], atol=atol, rtol=0, equal_nan=True) for k in close
+        np.allclose(getattr(preds, k)[i], getattr(preds, k)[j], atol=atol, rtol=0, equal_nan=True)
+        for k in close
     )
     if not same:
         raise ValueError(f"sample {preds.sample_id[i]!r} was predicted twice with different results")
@@ -190,7 +193,12 @@ def predict(
     was_training = model.training
     model.eval()
     rows = []
-    bar = tqdm(total=_loader_len(loader), desc="predict", unit="batch", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=_loader_len(loader),
+        desc="predict",
+        unit="batch",
+        disable=not (progress and accelerator.is_main_process),
+    )
     n_seen, t0 = 0, time.perf_counter()
     with _autocast(device, dtype):
         for batch in loader:
@@ -221,8 +229,7 @@ def evaluate(preds: Predictions, encoder, prior=None) -> dict:
         raise ValueError("evaluate: no labelled sample (is this the test split?)")
     top5, latlon = point_predictions(lab, encoder, prior)
     true_state = encoder.decode(lab.label)
-    metrics = competition_metrics(top5, true_state, latlon, lab.latlon.astype(np.float64))
-    return {**metrics, "n_samples": int(len(lab))}
+    return competition_metrics(top5, true_state, latlon, lab.latlon.astype(np.float64))
 
 
 def point_predictions(preds: Predictions, encoder, prior=None) -> tuple[np.ndarray, np.ndarray]:

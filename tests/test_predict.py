@@ -56,13 +56,13 @@ def make_batches(ids, batch_size, labelled=True, blind=()):
         label = torch.randint(0, NUM_CLASSES, (b,), generator=g) if labelled else torch.full((b,), -1)
         latlon = torch.rand(b, 2, generator=g) * 10 + torch.tensor([35.0, -100.0])
         batches.append(
-            dict(
-                images=torch.randint(0, 256, (b, 4, 3, 8, 8), dtype=torch.uint8, generator=g),
-                view_mask=mask,
-                label=label.long(),
-                latlon=latlon if labelled else torch.full((b, 2), float("nan")),
-                sample_id=list(chunk),
-            )
+            {
+                "images": torch.randint(0, 256, (b, 4, 3, 8, 8), dtype=torch.uint8, generator=g),
+                "view_mask": mask,
+                "label": label.long(),
+                "latlon": latlon if labelled else torch.full((b, 2), float("nan")),
+                "sample_id": list(chunk),
+            }
         )
     return batches
 
@@ -89,7 +89,9 @@ def test_predict_matches_per_sample_forward_and_sorts_ids(accelerator):
         for i, sid in enumerate(batch["sample_id"]):
             with torch.no_grad():
                 out = model(to_pixels(batch["images"][i : i + 1]), batch["view_mask"][i : i + 1])
-            np.testing.assert_allclose(preds.probs[row[sid]], torch.softmax(out.logits, -1)[0].numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                preds.probs[row[sid]], torch.softmax(out.logits, -1)[0].numpy(), atol=1e-5
+            )
             np.testing.assert_allclose(preds.gps[row[sid]], out.gps[0].numpy(), atol=1e-5)
             assert preds.label[row[sid]] == batch["label"][i]
             assert preds.n_views[row[sid]] == batch["view_mask"][i].sum()
@@ -180,11 +182,14 @@ def test_evaluate_equals_competition_metrics_on_labelled_rows():
     got = evaluate(preds, ENCODER)
     lab = preds.label >= 0
     want = competition_metrics(
-        top5_from_probs(preds.probs[lab], ENCODER), ENCODER.decode(preds.label[lab]), preds.gps[lab], preds.latlon[lab]
+        top5_from_probs(preds.probs[lab], ENCODER),
+        ENCODER.decode(preds.label[lab]),
+        preds.gps[lab],
+        preds.latlon[lab],
     )
     for key, value in want.items():
         assert got[key] == pytest.approx(value), key
-    assert got["n_samples"] == 16
+    assert got["n"] == 16
 
 
 def test_evaluate_refuses_blind_rows_without_a_prior():
@@ -199,3 +204,18 @@ def test_evaluate_rejects_a_split_without_labels():
     preds.label[:] = -1
     with pytest.raises(ValueError, match="no labelled sample"):
         evaluate(preds, ENCODER)
+
+
+def test_evaluate_predicts_blind_rows_from_the_prior():
+    from geoloc.metrics import Prior, competition_metrics, top5_from_probs
+
+    preds = _preds([f"s{i}" for i in range(6)], seed=4, c=6)
+    preds.n_views[2] = 0
+    preds.probs[2], preds.gps[2] = np.nan, np.nan
+    prior = Prior((44, 2, 5, -1, -1), 39.0, -98.0)
+    top5 = top5_from_probs(np.nan_to_num(preds.probs), ENCODER)
+    top5[2] = prior.top5
+    gps = preds.gps.astype(np.float64)
+    gps[2] = (39.0, -98.0)
+    want = competition_metrics(top5, ENCODER.decode(preds.label), gps, preds.latlon)
+    assert evaluate(preds, ENCODER, prior=prior) == pytest.approx(want)
