@@ -1,0 +1,89 @@
+"""Command line of ``train.py``: flags -> typed config -> :func:`geoloc.train.phases.run`.
+
+    accelerate launch --config_file accelerate_configs/4xa100.yaml train.py --config cfg.yaml \
+        --shards shards/ --output-dir runs/exp1 [--preset smoke] [--phase both] [--resume latest] \
+        [--report-to wandb] [model.backbone=/path/to/clip train.epochs_frozen=3 ...]
+
+Only argparse and the config module are imported before the flags are parsed, so ``--help`` answers at
+once; torch, transformers and DeepSpeed load when the run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from geoloc.config import PRESETS, ConfigError, load_config
+
+PHASES = ("both", "frozen", "finetune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the multi-view geolocation model: phase 1 trains fusion and heads on a frozen "
+        "backbone (on cached embeddings by default), phase 2 fine-tunes the backbone. Launch with "
+        "`accelerate launch [--config_file accelerate_configs/X.yaml] train.py ...` for several GPUs or "
+        "DeepSpeed; plain `python train.py ...` runs one process.",
+        epilog="Any further argument of the form section.key=value overrides the config, e.g. "
+        "model.backbone=/path/to/clip train.batch_size=16 loss.soft_labels=state train.cache_embeddings=false. "
+        "Precedence: defaults < --config < --preset < key=value.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config file (sections data, model, loss, train, infer)")
+    p.add_argument("--shards", required=True, metavar="DIR",
+                   help="shard directory written by shard_dataset.py (holds manifest.json and the "
+                   "train-/val- tar shards); a brace pattern or URL prefix WebDataset understands also works")
+    p.add_argument("--output-dir", required=True, type=Path, metavar="RUN",
+                   help="run directory: config.yaml, metrics.jsonl, curves.png, checkpoints/ and the best "
+                   "model in RUN/model/ (what infer.py loads)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; 'smoke' shrinks everything "
+                   "for a quick CPU check")
+    p.add_argument("--phase", choices=PHASES, default="both",
+                   help="both (default): frozen then finetune; frozen: phase 1 only; finetune: phase 2 only "
+                   "(starting from --init-from if given, else from the pretrained backbone and fresh heads)")
+    p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                   help="an exported model directory (RUN/model) whose weights start the run, e.g. phase 2 "
+                   "after a separate phase-1 run")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from a checkpoint: 'latest' takes the newest one in RUN/checkpoints "
+                   "(starting fresh if there is none); a path names one checkpoint directory")
+    p.add_argument("--report-to", choices=("none", "wandb"), default="none",
+                   help="extra experiment tracker besides RUN/metrics.jsonl (wandb honours WANDB_MODE=offline)")
+    p.add_argument("--stop-after-steps", type=int, default=0, metavar="K",
+                   help="debugging/tests: end the run abruptly after K optimiser updates in total, as a "
+                   "crash would (no extra checkpoint is written); 0 = off")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, validate the config, run; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, args.preset)
+    except ConfigError as err:
+        parser.error(str(err))
+    from geoloc.train.context import RunOptions, TrainingError  # heavy imports start here
+    from geoloc.train.phases import run
+
+    opts = RunOptions(
+        shards=args.shards,
+        output_dir=args.output_dir,
+        phase=args.phase,
+        resume=args.resume,
+        init_from=args.init_from,
+        report_to=args.report_to,
+        stop_after_steps=args.stop_after_steps,
+    )
+    try:
+        run(cfg, opts)
+    except TrainingError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
