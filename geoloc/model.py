@@ -12,7 +12,7 @@ stay fast.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,8 +25,9 @@ LON_RANGE = (-180.0, -65.0)
 POOLINGS = ("projection", "cls", "mean")
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A NamedTuple so accelerate (fp32 output conversion), DDP and DeepSpeed traverse it like a tuple."""
+
     logits: torch.Tensor  # (B, C) state logits over contiguous classes
     gps: torch.Tensor  # (B, 2) latitude, longitude in degrees
     embedding: torch.Tensor  # (B, D') fused sample embedding (before the heads' normalisation)

@@ -10,6 +10,7 @@ from geoloc.model import (
     LAT_RANGE,
     LON_RANGE,
     GeoModel,
+    ModelOutput,
     backbone_blocks,
     backbone_from_config,
     build_model,
@@ -341,3 +342,18 @@ def test_geomodel_from_random_backbone(tiny_config):
     model = GeoModel(backbone, dim, C, ModelConfig(head_hidden=8)).eval()
     pixels, mask = _inputs()
     assert model(pixels, mask).logits.shape == (B, C)
+
+
+def test_compile_option_compiles_backbone_in_place(tiny_clip_dir):
+    model = build_model(_cfg(tiny_clip_dir, compile=True), C)
+    assert model.backbone._compiled_call_impl is not None  # run lazily on first call (not here: slow on CPU)
+    assert all(k.startswith("backbone.model.") for k in model.state_dict() if k.startswith("backbone"))
+
+
+def test_model_output_converts_like_a_tuple():
+    from accelerate.utils import convert_to_fp32
+
+    out = ModelOutput(*(torch.zeros(2, n, dtype=torch.bfloat16) for n in (C, 2, 8)))
+    converted = convert_to_fp32(out)  # what accelerate applies to forward outputs under bf16
+    assert isinstance(converted, ModelOutput)
+    assert all(t.dtype == torch.float32 for t in converted)
