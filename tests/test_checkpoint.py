@@ -1,0 +1,181 @@
+"""CheckpointManager with a real Accelerator(cpu=True): round trip, pruning, crash safety, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from geoloc.train.checkpoint import STATE_FILE, CheckpointManager
+from geoloc.train.ema import EMA
+from geoloc.train.schedule import make_scheduler
+
+
+@pytest.fixture
+def setup():
+    """A prepared model + AdamW, a registered warm-up/cosine scheduler and EMA, as the trainer wires them."""
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    sched = make_scheduler(opt, total_steps=20, warmup_steps=3)
+    ema = EMA(model, 0.9)
+    acc.register_for_checkpointing(sched)
+    acc.register_for_checkpointing(ema)
+    yield acc, model, opt, sched, ema
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(acc, model, opt, sched, ema, steps):
+    for _ in range(steps):
+        x = torch.randn(5, 4)  # draws from the RNG that the checkpoint must restore
+        loss = model(x).pow(2).mean()
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        ema.update(model)
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_resume_follows_the_uninterrupted_run(setup, tmp_path):
+    acc, model, _, sched, ema = setup
+    ckpts = CheckpointManager(tmp_path, acc, keep=2)
+    _train(*setup, steps=3)
+    state = {"phase": "finetune", "epoch": 1, "step": 3, "batch_index": 7, "best_score": 0.25}
+    path = ckpts.save("step-3", state)
+    assert path == tmp_path / "checkpoints" / "step-3" and (path / STATE_FILE).is_file()
+    saved_weights, saved_lr = _weights(model), sched.get_last_lr()
+
+    _train(*setup, steps=4)  # the uninterrupted run
+    uninterrupted, uninterrupted_ema = _weights(model), ema.shadow["0.weight"].clone()
+
+    assert ckpts.load("latest") == state
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), saved_weights, strict=True))
+    assert sched.last_epoch == 3 and sched.get_last_lr() == saved_lr
+    assert ema.num_updates == 3
+    _train(*setup, steps=4)  # resumed: same inputs (RNG), same Adam moments and lr, same EMA
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), uninterrupted, strict=True))
+    assert torch.equal(ema.shadow["0.weight"], uninterrupted_ema)
+
+
+def test_prunes_by_creation_order_not_name_or_mtime(setup, tmp_path):
+    acc = setup[0]
+    ckpts = CheckpointManager(tmp_path, acc, keep=2)
+    for i, tag in enumerate(["d", "a", "c", "b"]):
+        ckpts.save(tag, {"step": i})
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["b", "c"]
+    os.utime(root / "c", (4e9, 4e9))  # newest mtime must not matter
+    assert ckpts.latest() == root / "b"
+    assert json.loads((root / "b" / STATE_FILE).read_text())["seq"] == 4
+
+
+def test_unfinished_dirs_never_count_and_are_cleaned(setup, tmp_path):
+    acc = setup[0]
+    ckpts = CheckpointManager(tmp_path, acc, keep=3)
+    ckpts.save("one", {"step": 1})
+    root = tmp_path / "checkpoints"
+    (root / "two.tmp").mkdir()
+    (root / "two.tmp" / STATE_FILE).write_text(json.dumps({"seq": 99, "tag": "two", "state": {}}))
+    (root / "no-state").mkdir()  # not ours or not finished: ignored, left alone
+    assert ckpts.latest() == root / "one"
+    ckpts.save("three", {"step": 3})
+    assert not (root / "two.tmp").exists()
+    assert ckpts.latest() == root / "three"
+    assert (root / "no-state").exists()
+
+
+@pytest.mark.parametrize("crash_in", ["save_state", "state_file"])
+def test_interrupted_save_leaves_previous_checkpoint_usable(setup, tmp_path, monkeypatch, crash_in):
+    acc, model = setup[0], setup[1]
+    ckpts = CheckpointManager(tmp_path, acc, keep=1)
+    ckpts.save("good", {"step": 1})
+    good = _weights(model)
+    _train(*setup, steps=2)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    if crash_in == "save_state":
+        monkeypatch.setattr(acc, "save_state", crash)
+    else:
+        monkeypatch.setattr("geoloc.train.checkpoint._write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save("bad", {"step": 3})
+    monkeypatch.undo()
+
+    root = tmp_path / "checkpoints"
+    assert (root / "bad.tmp").exists() and not (root / "bad").exists()
+    assert ckpts.latest() == root / "good"
+    assert ckpts.load("latest") == {"step": 1}
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), good, strict=True))
+
+
+def test_resaving_a_tag_replaces_it(setup, tmp_path):
+    ckpts = CheckpointManager(tmp_path, setup[0], keep=2)
+    ckpts.save("epoch", {"step": 1})
+    ckpts.save("epoch", {"step": 2})
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["epoch"]
+    assert ckpts.load("epoch") == {"step": 2}  # a tag resolves under RUN/checkpoints
+
+
+def test_clear_errors(setup, tmp_path):
+    acc = setup[0]
+    ckpts = CheckpointManager(tmp_path, acc, keep=1)
+    with pytest.raises(FileNotFoundError, match="--resume latest: no finished checkpoint"):
+        ckpts.load("latest")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a finished checkpoint"):
+        ckpts.load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="JSON"):
+        ckpts.save("x", {"step": torch.tensor(1)})
+    assert not (tmp_path / "checkpoints" / "x.tmp").exists()
+    with pytest.raises(ValueError, match="tag"):
+        ckpts.save("../escape", {})
+    with pytest.raises(ValueError, match="keep"):
+        CheckpointManager(tmp_path, acc, keep=0)
+
+
+_TWO_RANKS = """
+import sys, torch
+from accelerate import Accelerator
+from geoloc.train.checkpoint import CheckpointManager
+acc = Accelerator(cpu=True)
+assert acc.num_processes == 2
+torch.manual_seed(acc.process_index)
+model, opt = acc.prepare(torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters()))
+ckpts = CheckpointManager(sys.argv[1], acc, keep=1)
+try:
+    ckpts.load("latest")
+except FileNotFoundError as err:
+    assert "no finished checkpoint" in str(err)  # raised on every rank, no hang
+ckpts.save("a", {"step": 1})
+ckpts.save("b", {"step": 2})
+after_save = torch.rand(1)
+torch.rand(5)
+assert ckpts.load("latest") == {"step": 2}
+assert torch.equal(torch.rand(1), after_save)  # each rank gets its own RNG back
+acc.wait_for_everyone()
+"""
+
+
+def test_two_processes(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(_TWO_RANKS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "checkpoints" / "b").iterdir())
+    assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
+    assert not (tmp_path / "checkpoints" / "a").exists()
