@@ -82,8 +82,15 @@ def read_submission(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"sample_id": str, **{c: str for c in IMAGE_COLUMNS}})
 
 
-def check_submission(sub: pd.DataFrame, template: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """``(errors, warnings)`` of a submission against its template; empty errors = valid."""
+def check_submission(sub: str | Path | pd.DataFrame, template: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of a submission (a path or a DataFrame) against its template; no errors = valid."""
+    if not isinstance(sub, pd.DataFrame):
+        if not Path(sub).is_file():
+            return [f"{sub}: file not found"], []
+        try:
+            sub = read_submission(sub)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            return [f"{sub}: not a readable CSV: {err}"], []
     errors = _check_columns(sub)
     if errors:  # the row checks below need the columns
         return errors, []
@@ -95,13 +102,6 @@ def check_submission(sub: pd.DataFrame, template: pd.DataFrame) -> tuple[list[st
 
 def validate_submission(sub: str | Path | pd.DataFrame, template: pd.DataFrame) -> list[str]:
     """Every problem of a submission (a path or a DataFrame); warnings are logged, not returned."""
-    if not isinstance(sub, pd.DataFrame):
-        if not Path(sub).is_file():
-            return [f"{sub}: file not found"]
-        try:
-            sub = read_submission(sub)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            return [f"{sub}: not a readable CSV: {err}"]
     errors, warnings = check_submission(sub, template)
     for w in warnings:
         log.warning("submission: %s", w)

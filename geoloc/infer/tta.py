@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+DEFAULT_SCALES = (1.0, 0.9, 0.8)  # what ``--tta scales`` means: the full view and two centre crops
+
 
 def crop_views(images: torch.Tensor, scale: float) -> torch.Tensor:
     """Centre crop keeping ``scale`` of each side: ``(B, V, 3, H, W) -> (B, V, 3, h, w)``, same dtype.
@@ -25,9 +27,12 @@ def crop_views(images: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def parse_scales(text: str | None) -> tuple[float, ...]:
-    """``"1.0,0.9"`` (comma or space separated) -> ``(1.0, 0.9)``; ``None``/``"none"`` -> ``(1.0,)``."""
+    """``"1.0,0.9"`` (comma or space separated) -> ``(1.0, 0.9)``; ``None``/``"none"`` -> ``(1.0,)``;
+    ``"scales"`` -> :data:`DEFAULT_SCALES`."""
     if text is None or text.strip().lower() in ("", "none"):
         return (1.0,)
+    if text.strip().lower() == "scales":
+        return DEFAULT_SCALES
     try:
         scales = tuple(float(t) for t in text.replace(",", " ").split())
     except ValueError:
