@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, args.preset)
     except ConfigError as err:
         parser.error(str(err))
-    from geoloc.train.context import RunOptions, TrainingError  # heavy imports start here
+    from geoloc.train.context import RunInterrupted, RunOptions, TrainingError  # heavy imports start here
     from geoloc.train.phases import run
 
     opts = RunOptions(
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         run(cfg, opts)
+    except RunInterrupted as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 3
     except TrainingError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 1

@@ -1,0 +1,214 @@
+"""Phase-1 embedding cache: every view's backbone embedding of the train and val splits, computed once.
+
+With the backbone frozen, its output for a view never changes, so phase 1 trains fusion and heads on
+``(N, V, D)`` tensors instead of running the backbone every epoch. The embeddings are computed with the
+eval loader spread over all ranks (each sample exactly once), gathered by sample id onto every rank,
+sorted by id (so the table does not depend on the number of ranks) and saved under
+``cfg.train.cache_dir/<key>/<split>.pt``. The key hashes everything the numbers depend on: backbone
+(name and file fingerprint), pooling, input size, mean/std, compute dtype and the shard manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = "~/.cache/geoloc/embeddings"
+
+
+@dataclass
+class EmbeddingTable:
+    """One split's per-view embeddings, rows sorted by sample id."""
+
+    sample_id: list[str]
+    emb: torch.Tensor  # (N, V, D) backbone output per view, zeros where a view is missing
+    view_mask: torch.Tensor  # (N, V) bool
+    label: torch.Tensor  # (N,) int64 contiguous class
+    latlon: torch.Tensor  # (N, 2) float32 degrees
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    def rows(self, index: torch.Tensor) -> dict:
+        """A batch dict like the loader's, with ``emb`` (B, V, D) in place of ``images``."""
+        return {
+            "emb": self.emb[index],
+            "view_mask": self.view_mask[index],
+            "label": self.label[index],
+            "latlon": self.latlon[index],
+            "sample_id": [self.sample_id[i] for i in index.tolist()],
+        }
+
+
+# ----------------------------------------------------------------------------- key and files
+
+
+def _backbone_fingerprint(backbone: str) -> list:
+    """Names, sizes and mtimes of a local checkpoint's files (a hub id is identified by its name)."""
+    path = Path(backbone)
+    if not path.is_dir():
+        return []
+    return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in path.iterdir() if f.is_file())
+
+
+def cache_key(cfg, preprocess: dict, manifest: dict, dtype: torch.dtype) -> str:
+    """A short hash of everything the cached numbers depend on."""
+    payload = {
+        "version": CACHE_VERSION,
+        "backbone": cfg.model.backbone,
+        "backbone_files": _backbone_fingerprint(cfg.model.backbone),
+        "pooling": cfg.model.pooling,
+        "preprocess": {k: preprocess[k] for k in ("image_size", "mean", "std")},
+        "dtype": str(dtype),
+        "manifest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_root(cfg) -> Path:
+    return Path(cfg.train.cache_dir or DEFAULT_CACHE_DIR).expanduser()
+
+
+def save_table(table: EmbeddingTable, path: Path) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(asdict(table), tmp)
+    os.replace(tmp, path)
+
+
+def load_table(path: Path) -> EmbeddingTable:
+    return EmbeddingTable(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+# ----------------------------------------------------------------------------- computing
+
+
+@torch.no_grad()
+def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, desc: str, show: bool) -> dict:
+    """This rank's share of a split through ``model.forward_features`` -> dict of CPU tensors and ids."""
+    parts = {"sample_id": [], "emb": [], "view_mask": [], "label": [], "latlon": []}
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not show):
+        mask = batch["view_mask"].to(device)  # (B, V)
+        pixels = preprocessor(batch["images"].to(device))  # (B, V, 3, S, S)
+        with autocast:
+            parts["emb"].append(model.forward_features(pixels, mask).cpu())  # (B, V, D)
+        for key in ("view_mask", "label", "latlon", "sample_id"):
+            parts[key].append(batch[key])
+    return parts
+
+
+def _cat(chunks: list, fallback: torch.Tensor) -> torch.Tensor:
+    return torch.cat(chunks) if chunks else fallback
+
+
+def _gather_rows(accelerator, local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows ``(n_r, ...)`` in rank order -> ``(sum n_r, ...)`` on every rank.
+
+    Tensors travel padded to the longest rank; bool/bf16 go as uint8/fp32, which gloo can reduce.
+    """
+    device = accelerator.device
+    wire = local.to(torch.uint8) if local.dtype == torch.bool else local
+    if device.type == "cpu" and wire.dtype == torch.bfloat16:
+        wire = wire.float()  # exact: bf16 is a prefix of fp32
+    counts = accelerator.gather(torch.tensor([local.shape[0]], device=device)).tolist()  # (world,)
+    padded = accelerator.pad_across_processes(wire.to(device), dim=0)  # (max n_r, ...)
+    everything = accelerator.gather(padded).cpu().split(padded.shape[0])  # world chunks
+    return torch.cat([chunk[:n] for chunk, n in zip(everything, counts)]).to(local.dtype)
+
+
+def gather_table(accelerator, parts: dict, emb_dim: int, num_views: int) -> EmbeddingTable:
+    """Every rank's rows on every rank, sorted by sample id; a sample seen twice is an error."""
+    from accelerate.utils import gather_object
+
+    fallback = {
+        "emb": torch.zeros(0, num_views, emb_dim),
+        "view_mask": torch.zeros(0, num_views, dtype=torch.bool),
+        "label": torch.zeros(0, dtype=torch.int64),
+        "latlon": torch.zeros(0, 2),
+    }
+    cols = {k: _gather_rows(accelerator, _cat(parts[k], v)) for k, v in fallback.items()}
+    ids = [i for chunk in gather_object([[s for b in parts["sample_id"] for s in b]]) for i in chunk]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise RuntimeError(f"embedding cache: samples seen twice across ranks: {dup}")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    index = torch.tensor(order, dtype=torch.long)
+    return EmbeddingTable([ids[i] for i in order], **{k: v[index] for k, v in cols.items()})
+
+
+def compute_tables(ctx, model, splits: tuple[str, ...]) -> dict[str, EmbeddingTable]:
+    """Embed ``splits`` through the frozen backbone of ``model`` (eval mode), gathered on every rank."""
+    from geoloc.data import make_eval_loader
+
+    acc, cfg = ctx.accelerator, ctx.cfg
+    model.eval()
+    ctx.preprocessor.eval()
+    tables = {}
+    for split in splits:
+        loader = make_eval_loader(
+            ctx.shards[split], batch_size=cfg.train.eval_batch_size, rank=acc.process_index,
+            world_size=acc.num_processes, num_workers=cfg.data.num_workers, encoder=ctx.labels.encoder,
+        )  # fmt: skip
+        parts = embed_batches(
+            model, loader, ctx.preprocessor, acc.device, ctx.eval_dtype, f"embed {split}", acc.is_main_process
+        )
+        tables[split] = gather_table(acc, parts, model.embed_dim, ctx.num_views)
+        if len(tables[split]) != ctx.counts[split]:
+            raise RuntimeError(
+                f"embedding cache: {len(tables[split])} {split} samples embedded, manifest has "
+                f"{ctx.counts[split]} (see the loader warnings above)"
+            )
+    return tables
+
+
+def load_or_compute(ctx, model, splits: tuple[str, ...] = ("train", "val")) -> dict[str, EmbeddingTable]:
+    """Cached tables when every rank finds them, else compute and (local main processes) save them."""
+    from accelerate.utils import gather_object
+
+    folder = cache_root(ctx.cfg) / cache_key(ctx.cfg, ctx.preprocess, ctx.manifest, ctx.eval_dtype)
+    paths = {s: folder / f"{s}.pt" for s in splits}
+    if all(gather_object([all(p.is_file() for p in paths.values())])):  # every rank must agree
+        return {s: load_table(p) for s, p in paths.items()}
+    tables = compute_tables(ctx, model, splits)
+    if ctx.accelerator.is_local_main_process:  # one writer per machine; rename makes races harmless
+        for split, table in tables.items():
+            save_table(table, paths[split])
+    ctx.accelerator.wait_for_everyone()
+    return tables
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's row indices for one epoch: ``(steps, batch_size)``, the same ``steps`` on every rank.
+
+    A permutation seeded by (seed, epoch) is wrapped around to fill ``ceil(n / (batch * world))`` full
+    global batches, so every row is used at least once and no rank waits for another.
+    """
+    g = torch.Generator().manual_seed(hash_seed(seed, epoch))
+    perm = torch.randperm(n, generator=g)
+    steps = cached_steps(n, batch_size, world_size)
+    need = steps * batch_size * world_size
+    perm = perm.repeat(math.ceil(need / n))[:need]
+    return perm.view(steps, world_size, batch_size)[:, rank]  # (steps, B)
+
+
+def cached_steps(n: int, batch_size: int, world_size: int) -> int:
+    """Batches per rank and epoch on a table of ``n`` rows (at least one)."""
+    return max(1, math.ceil(n / (batch_size * world_size)))
+
+
+def hash_seed(seed: int, epoch: int) -> int:
+    """A generator seed from (seed, epoch) that differs for every pair."""
+    return int(hashlib.sha256(f"cache-{seed}-{epoch}".encode()).hexdigest()[:15], 16)

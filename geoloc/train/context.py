@@ -1,0 +1,238 @@
+"""What a training run needs, built once: options, accelerator, shard lists, label tables, preprocessing.
+
+:func:`prepare_context` is the only place that reads the shard manifest and the train labels; the phases
+receive a :class:`RunContext` and never look at argv or global state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geoloc.config import Config, config_to_dict, save_config
+from geoloc.labels import LabelEncoder
+
+PHASE_NAMES = ("frozen", "finetune")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (bad input, non-finite loss, ...); the message says what and where."""
+
+
+class RunInterrupted(TrainingError):
+    """``--stop-after-steps`` ended the run early, as a crash would (tests of ``--resume``)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The command-line choices that are not model/training hyper-parameters."""
+
+    shards: str
+    output_dir: Path
+    phase: str = "both"  # both | frozen | finetune
+    resume: str | None = None  # "latest" or a checkpoint directory
+    init_from: Path | None = None  # an exported model directory to start from
+    report_to: str = "none"  # none | wandb
+    stop_after_steps: int = 0  # >0: stop abruptly after this many optimiser updates (tests)
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return PHASE_NAMES if self.phase == "both" else (self.phase,)
+
+
+@dataclass(frozen=True)
+class LabelTables:
+    """Label encoder and what the losses and the export need from the TRAIN split."""
+
+    encoder: LabelEncoder
+    centroids: torch.Tensor  # (C, 2) float32 mean lat/lon of each class's training points
+    dist: torch.Tensor  # (C, C) float32 km between centroids
+    prior: dict  # geoloc.metrics.Prior.to_dict(): most frequent states and mean point
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    opts: RunOptions
+    accelerator: object  # accelerate.Accelerator
+    run_dir: Path
+    shards: dict[str, list[str]]  # split -> shard urls
+    counts: dict[str, int]  # split -> samples (from the manifest)
+    manifest: dict
+    labels: LabelTables
+    preprocess: dict  # image_size, mean, std (from the backbone checkpoint)
+    preprocessor: torch.nn.Module  # uint8 views -> normalised float pixels, on the device
+    tracker: object  # geoloc.train.tracking.MetricsLogger
+    checkpoints: object  # geoloc.train.checkpoint.CheckpointManager
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_views(self) -> int:
+        from geoloc.contract import VIEWS
+
+        return len(VIEWS)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return is_deepspeed(self.accelerator)
+
+    @property
+    def zero_stage(self) -> int:
+        """DeepSpeed ZeRO stage, 0 without DeepSpeed."""
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage) if self.is_deepspeed else 0
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return input_dtype(self.accelerator)
+
+    @property
+    def eval_dtype(self) -> torch.dtype:
+        """Autocast dtype for embedding and validation: bf16 on GPU or under DeepSpeed bf16, else fp32."""
+        if self.input_dtype == torch.bfloat16 or self.accelerator.device.type == "cuda":
+            return torch.bfloat16
+        return torch.float32
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+
+def make_accelerator(cfg: Config, opts: RunOptions):
+    """An Accelerator from the launch config (env); gloo on CPU, where the NCCL default cannot work."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from geoloc.train.tracking import log_with
+
+    # NCCL cannot run on CPU; a single plain process must get no backend at all (no process group)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    return Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=log_with(opts.report_to),
+        project_config=ProjectConfiguration(project_dir=str(opts.output_dir), automatic_checkpoint_naming=False),
+        kwargs_handlers=handlers,
+    )
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def input_dtype(accelerator) -> torch.dtype:
+    """The dtype model inputs must have: DeepSpeed bf16 runs the module itself in bf16 (no autocast)."""
+    if is_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _json_members(url: str):
+    """The parsed ``.json`` members of one shard, streamed (local path or any URL WebDataset opens)."""
+    import webdataset as wds
+
+    with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                yield json.loads(tar.extractfile(member).read())
+
+
+def scan_labels(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Original state index ``(N,)`` and lat/lon ``(N, 2)`` of every labelled sample in ``urls``."""
+    states, latlon = [], []
+    for url in urls:
+        for meta in _json_members(url):
+            if meta.get("state_idx") is None:
+                raise TrainingError(f"{url}: training sample {meta.get('sample_id')!r} has no state_idx")
+            states.append(int(meta["state_idx"]))
+            latlon.append((float(meta["lat"]), float(meta["lon"])))
+    return np.asarray(states, dtype=np.int64), np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+
+
+def gathered_train_labels(accelerator, urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`scan_labels` with the shards spread over the ranks, gathered on every rank."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    parts = gather_object([scan_labels(urls[rank::world])])
+    return np.concatenate([s for s, _ in parts]), np.concatenate([ll for _, ll in parts])
+
+
+def label_tables(encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) -> LabelTables:
+    """Centroids and their distance matrix from the train labels; the prior baseline."""
+    from geoloc.geo import distance_matrix, state_centroids
+    from geoloc.metrics import Prior
+
+    classes = encoder.encode(states)
+    try:
+        centroids = state_centroids(latlon[:, 0], latlon[:, 1], classes, encoder.num_classes)  # (C, 2)
+    except ValueError as err:
+        raise TrainingError(f"train split: {err} (every class of the label encoder needs a sample)") from None
+    centroids = torch.as_tensor(centroids, dtype=torch.float32)
+    return LabelTables(encoder, centroids, distance_matrix(centroids), Prior.fit(states, latlon).to_dict())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def shard_lists(cfg: Config, spec: str) -> tuple[dict[str, list[str]], dict[str, int], dict]:
+    """Train/val shard urls, sample counts and the manifest (which must sit beside the shards)."""
+    from geoloc.data import read_manifest, resolve_shards
+
+    manifest = read_manifest(spec)
+    if manifest is None:
+        raise TrainingError(f"{spec}: no manifest.json beside the shards (write them with shard_dataset.py)")
+    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
+    shards, counts = {}, {}
+    for role, split in splits.items():
+        try:
+            shards[role] = resolve_shards(spec, split)
+        except FileNotFoundError as err:
+            raise TrainingError(str(err)) from None
+        counts[role] = int(manifest["splits"][split]["count"])
+    return shards, counts, manifest
+
+
+def device_preprocessor(cfg: Config, device, dtype: torch.dtype) -> tuple[dict, torch.nn.Module]:
+    """Input size, mean and std from the backbone checkpoint, and the on-device Preprocessor."""
+    from geoloc.preprocess import Preprocessor, preprocess_settings
+
+    settings = preprocess_settings(cfg.model.backbone)
+    module = Preprocessor(**settings, augment=cfg.data.augment, min_scale=cfg.data.aug_min_scale, dtype=dtype)
+    return settings, module.to(device)
+
+
+# ----------------------------------------------------------------------------- the context
+
+
+def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
+    """Accelerator, run directory (with config.yaml), shards, train-label tables, tracker, checkpoints."""
+    from accelerate.utils import set_seed
+
+    from geoloc.train.checkpoint import CheckpointManager
+    from geoloc.train.tracking import MetricsLogger
+
+    accelerator = make_accelerator(cfg, opts)
+    set_seed(cfg.train.seed)  # same head initialisation on every rank
+    run_dir = Path(opts.output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    shards, counts, manifest = shard_lists(cfg, opts.shards)
+    encoder = LabelEncoder.from_dict(manifest["label_encoder"])
+    labels = label_tables(encoder, *gathered_train_labels(accelerator, shards["train"]))
+    preprocess, preprocessor = device_preprocessor(cfg, accelerator.device, input_dtype(accelerator))
+    tracker = MetricsLogger(run_dir, accelerator, opts.report_to, config=config_to_dict(cfg))
+    checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints)
+    return RunContext(
+        cfg, opts, accelerator, run_dir, shards, counts, manifest, labels, preprocess, preprocessor,
+        tracker, checkpoints,
+    )  # fmt: skip

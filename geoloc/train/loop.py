@@ -1,0 +1,212 @@
+"""The epoch/step loop shared by both phases: steps, validation, best-model export, checkpoints.
+
+A phase is described by a :class:`Phase` (what to call) and its position by a :class:`TrainState` (where
+we are), which goes into every checkpoint as JSON. The loop itself knows nothing about DeepSpeed or the
+embedding cache; :mod:`geoloc.train.phases` builds the ``Phase`` for each case.
+
+Step semantics: a *batch* is one forward/backward on this rank; an *update* (``step``) is one optimiser
+step after ``train.grad_accum`` batches (the last window of an epoch may be shorter). The scheduler,
+``save_every_steps``, ``log_every`` and ``--stop-after-steps`` count updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from geoloc.train.context import PHASE_NAMES, RunContext, RunInterrupted, TrainingError
+from geoloc.train.progress import Throughput, postfix, progress_bar
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with every checkpoint (JSON) so ``--resume`` continues exactly there."""
+
+    phase: str  # frozen | finetune
+    epoch: int = 0  # epoch of the phase being trained (0-based)
+    batch: int = 0  # batches of that epoch already trained: a resumed run skips them
+    step: int = 0  # optimiser updates in this phase (the scheduler's position)
+    global_step: int = 0  # optimiser updates in the whole run (x axis of the curves)
+    best_score: float | None = None  # best val score so far, over both phases
+    bad_epochs: int = 0  # epochs of this phase without improvement (early stopping)
+    finished: bool = False  # the phase has ended (all epochs, or early stopping)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**d)
+
+
+@dataclass
+class Phase:
+    """Everything the loop calls for one phase; built by :mod:`geoloc.train.phases`."""
+
+    name: str
+    epochs: int
+    model: torch.nn.Module  # as prepared (plain, DDP or DeepSpeed engine)
+    optimizer: object  # as prepared
+    scheduler: object  # LambdaLR on the raw optimiser, stepped once per update
+    batches: Callable[[int], Iterable[dict]]  # epoch -> this rank's batches
+    num_batches: int  # batches per epoch on each rank
+    batch_size: int  # per rank
+    forward: Callable[[torch.nn.Module, dict], object]  # (model, batch) -> ModelOutput on the device
+    validate: Callable[[], dict]  # -> competition metrics of the val split (same on every rank)
+    full_state: Callable[[], dict]  # -> full GeoModel state dict for export (a collective under ZeRO-3)
+    ema: object | None = None  # geoloc.train.ema.EMA, applied for validation and export
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def check_finite(accelerator, parts: torch.Tensor, where: str, last_checkpoint) -> torch.Tensor:
+    """Mean over ranks of the loss terms ``(3,)``; raises on every rank if any rank's loss is not finite."""
+    everyone = accelerator.gather(parts.detach().float()[None])  # (world, 3)
+    if not torch.isfinite(everyone).all():
+        raise TrainingError(
+            f"non-finite loss {everyone[:, 0].tolist()} (per rank) at {where}; stopping. The last good "
+            f"checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
+        )
+    return everyone.mean(0)
+
+
+def compute_loss(ctx: RunContext, out, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combined loss and its terms ``(loss, loss_cls, loss_gps)`` for one batch, in fp32."""
+    from geoloc.geo import make_soft_labels
+    from geoloc.losses import combined_loss
+
+    device, cfg = ctx.accelerator.device, ctx.cfg.loss
+    label, latlon = batch["label"].to(device), batch["latlon"].to(device)  # (B,), (B, 2)
+    centroids, dist = ctx.labels.centroids.to(device), ctx.labels.dist.to(device)
+    soft = make_soft_labels(cfg.soft_labels, label, latlon, centroids, dist, cfg.tau_km)  # (B, C)
+    loss, parts = combined_loss(out.logits.float(), out.gps.float(), label, latlon, soft, cfg)
+    return loss, torch.stack([parts["loss"], parts["loss_cls"], parts["loss_gps"]])
+
+
+def train_step(ctx: RunContext, phase: Phase, batch: dict, boundary: bool, where: str) -> torch.Tensor:
+    """Forward/backward of one batch; an optimiser update when ``boundary``. Returns the rank-mean terms."""
+    acc = ctx.accelerator
+    acc.sync_gradients = boundary  # prepared optimisers skip step() and DeepSpeed accumulates until True
+    with nullcontext() if boundary else acc.no_sync(phase.model):
+        loss, parts = compute_loss(ctx, phase.forward(phase.model, batch), batch)
+        parts = check_finite(acc, parts, where, ctx.checkpoints.latest())
+        acc.backward(loss)  # divides by grad_accum (DeepSpeed: the engine does)
+    if boundary:
+        if not ctx.is_deepspeed and ctx.cfg.train.clip_grad > 0:  # DeepSpeed clips (JSON gradient_clipping)
+            acc.clip_grad_norm_(phase.model.parameters(), ctx.cfg.train.clip_grad)
+        phase.optimizer.step()
+        phase.scheduler.step()
+        phase.optimizer.zero_grad(set_to_none=True)
+        if phase.ema is not None:
+            phase.ema.update(phase.model)
+    return parts
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def group_lrs(scheduler) -> dict[str, float]:
+    """Current lr of the head and (first) backbone group, by the groups' names."""
+    lrs = {}
+    for group in scheduler.optimizer.param_groups:
+        kind = "lr_backbone" if str(group.get("name", "")).startswith("backbone") else "lr_head"
+        lrs.setdefault(kind, group["lr"])
+    return lrs
+
+
+def _where(state: TrainState, i: int) -> str:
+    return f"step {state.global_step + 1} (phase {state.phase}, epoch {state.epoch + 1}, batch {i + 1})"
+
+
+def train_epoch(ctx: RunContext, phase: Phase, state: TrainState) -> None:
+    """Train the rest of ``state.epoch`` (skipping the ``state.batch`` batches already done)."""
+    acc, cfg = ctx.accelerator, ctx.cfg.train
+    phase.model.train()
+    bar = progress_bar(phase.num_batches, acc, f"{phase.name} {state.epoch + 1}/{phase.epochs}")
+    bar.update(state.batch)
+    sums, seen, speed = torch.zeros(3), 0, Throughput()
+    for i, batch in enumerate(phase.batches(state.epoch)):
+        if i < state.batch:
+            continue  # done before the checkpoint we resumed from: the loaders replay deterministically
+        boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == phase.num_batches
+        lrs = group_lrs(phase.scheduler)  # the lrs this update uses (the scheduler moves on in the step)
+        sums += train_step(ctx, phase, batch, boundary, _where(state, i)).cpu()
+        seen += 1
+        speed.add(len(batch["sample_id"]) * acc.num_processes)
+        state.batch = i + 1
+        bar.update(1)
+        if not boundary:
+            continue
+        state.step += 1
+        state.global_step += 1
+        metrics = {k: float(v) for k, v in zip(("loss", "loss_cls", "loss_gps"), sums / seen)}
+        metrics |= lrs | {"samples_per_s": speed.rate()}
+        bar.set_postfix(postfix(metrics["loss"], metrics["lr_head"], metrics["samples_per_s"]))
+        if state.global_step % cfg.log_every == 0:
+            record = {f"train/{k}": v for k, v in metrics.items()} | _position(state, state.epoch + 1)
+            ctx.tracker.log(record, state.global_step)
+            sums, seen = torch.zeros(3), 0
+        after_update(ctx, state)
+    bar.close()
+    state.epoch += 1
+    state.batch = 0
+
+
+def _position(state: TrainState, epoch: int) -> dict:
+    """Numbers only (metrics.jsonl holds floats): phase 1 = frozen, 2 = finetune; epoch 1-based."""
+    return {"phase_index": PHASE_NAMES.index(state.phase) + 1, "epoch": epoch}
+
+
+def after_update(ctx: RunContext, state: TrainState) -> None:
+    """Periodic checkpoint, then the test hook that ends the run like a crash."""
+    if ctx.cfg.train.save_every_steps > 0 and state.global_step % ctx.cfg.train.save_every_steps == 0:
+        save_checkpoint(ctx, state)
+    if ctx.opts.stop_after_steps and state.global_step >= ctx.opts.stop_after_steps:
+        raise RunInterrupted(f"stopped after {state.global_step} optimiser updates (--stop-after-steps)")
+
+
+def save_checkpoint(ctx: RunContext, state: TrainState):
+    tag = f"{state.phase}-e{state.epoch:03d}-b{state.batch:06d}-s{state.global_step:07d}"
+    return ctx.checkpoints.save(tag, state.to_dict())
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def end_of_epoch(ctx: RunContext, phase: Phase, state: TrainState, export) -> None:
+    """Validate (EMA weights if any), export when the score improves, early stopping, checkpoint."""
+    with phase.ema.apply_to(phase.model) if phase.ema is not None else nullcontext():
+        metrics = phase.validate()
+        improved = state.best_score is None or metrics["score"] > state.best_score
+        if improved:
+            export(phase, metrics, state)  # every rank: gathering weights is a collective under ZeRO-3
+    state.best_score = metrics["score"] if improved else state.best_score
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    patience = ctx.cfg.train.patience
+    state.finished = state.epoch >= phase.epochs or (patience > 0 and state.bad_epochs >= patience)
+    record = {f"val/{k}": v for k, v in metrics.items()} | {"val/best_score": state.best_score}
+    ctx.tracker.log(record | _position(state, state.epoch), state.global_step)
+    if ctx.accelerator.is_main_process:
+        tqdm.write(f"[{phase.name} epoch {state.epoch}/{phase.epochs}] val score {metrics['score']:.4f} "
+                   f"(best {state.best_score:.4f})" + (" -> exported" if improved else ""))  # fmt: skip
+    save_checkpoint(ctx, state)
+
+
+def run_phase(ctx: RunContext, phase: Phase, state: TrainState, export) -> TrainState:
+    """Train ``phase`` from ``state`` to its end (all epochs or early stopping)."""
+    while not state.finished and state.epoch < phase.epochs:
+        train_epoch(ctx, phase, state)
+        end_of_epoch(ctx, phase, state, export)
+    state.finished = True
+    return state
+
+
+def updates_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)

@@ -1,0 +1,440 @@
+"""The training command: ``run`` -> ``prepare_context`` -> ``run_frozen_phase`` -> ``run_finetune_phase``.
+
+Phase 1 (frozen): the backbone is frozen and, by default, only fusion + heads (:class:`HeadView`) are
+prepared and trained, on cached per-view embeddings (:mod:`geoloc.train.cache`); with
+``train.cache_embeddings=false`` the whole model is prepared and the frozen backbone runs every step.
+Phase 2 (finetune): a FRESH model is built from phase 1's weights, the backbone (or its last N blocks)
+unfrozen, and model + a new AdamW are prepared again. DeepSpeed fixes the set of trained parameters
+when it builds its engine, so the phase-1 engine is destroyed (``accelerator.free_memory``) and a new one
+built rather than mutated; the DeepSpeed batch size is set explicitly for each engine, because the
+first ``prepare`` replaces the JSON's ``"auto"`` values in place.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoloc.train.context import RunContext, RunOptions, TrainingError, prepare_context
+from geoloc.train.loop import Phase, TrainState, run_phase, updates_per_epoch
+
+PAD_ID = "__lockstep_padding__"  # a filler row for ZeRO-3 validation: unlabelled, so never scored
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class HeadView(nn.Module):
+    """A GeoModel without its backbone: the same fusion/norm/head modules (shared, not copied).
+
+    Phase 1 on cached embeddings prepares this, so DDP/DeepSpeed see only what is trained and the
+    backbone is neither wrapped, partitioned nor cast. ``forward`` is ``GeoModel.forward_head``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            if name != "backbone":
+                self.add_module(name, child)
+        own = [n for n, _ in model.named_parameters(recurse=False)]
+        if own:
+            raise TypeError(f"GeoModel has parameters outside its submodules ({own}); HeadView would miss them")
+        self.embed_dim = model.embed_dim
+        self._forward_head = type(model).forward_head
+
+    def forward(self, view_emb: torch.Tensor, view_mask: torch.Tensor):  # (B, V, D), (B, V) -> ModelOutput
+        return self._forward_head(self, view_emb, view_mask)
+
+
+class PhaseObjects:
+    """The current phase's scheduler and EMA as ONE checkpointed object.
+
+    Registered once per run, so a checkpoint's layout never depends on which phases ran before it (a
+    resumed phase-2 run registers the same single object as the uninterrupted one).
+    """
+
+    def __init__(self):
+        self.scheduler = None
+        self.ema = None
+
+    def state_dict(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if (self.ema is None) != (state["ema"] is None):
+            raise TrainingError("checkpoint and run disagree on EMA (train.ema_decay): resume with the same config")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+# ----------------------------------------------------------------------------- preparing
+
+
+def configure_deepspeed(ctx: RunContext, batch_size: int, hidden_size: int) -> None:
+    """Fill what accelerate cannot infer without a prepared DataLoader or a ``model.config``."""
+    plugin = ctx.accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    for key in ("scheduler", "optimizer"):
+        if key in ds:
+            raise TrainingError(
+                f"the DeepSpeed JSON defines a {key!r}: remove it (the trainer builds AdamW with per-group "
+                "learning rates and steps its own warm-up + cosine schedule)"
+            )
+    ds["train_micro_batch_size_per_gpu"] = batch_size
+    ds["train_batch_size"] = batch_size * ctx.cfg.train.grad_accum * ctx.accelerator.num_processes
+    zero = ds.setdefault("zero_optimization", {})
+    auto = {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}  # fmt: skip
+    zero.update({k: v for k, v in auto.items() if zero.get(k) == "auto"})
+    if ctx.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # the export gathers the weights
+
+
+def prepare(ctx: RunContext, module: nn.Module, optimizer, batch_size: int, hidden_size: int):
+    """``accelerator.prepare`` of model + optimiser only (loaders stay unprepared, see geoloc.data)."""
+    if ctx.is_deepspeed:
+        configure_deepspeed(ctx, batch_size, hidden_size)
+    return ctx.accelerator.prepare(module, optimizer)
+
+
+def make_optimizer(ctx: RunContext, model, num_batches: int, epochs: int):
+    """AdamW over the trainable groups (per-group lr) and its warm-up + cosine schedule per update."""
+    from geoloc.model import param_groups
+    from geoloc.train.schedule import make_scheduler
+
+    t = ctx.cfg.train
+    groups = param_groups(model, t.head_lr, t.backbone_lr, t.weight_decay, t.layer_decay)
+    optimizer = torch.optim.AdamW(groups)
+    total = max(1, updates_per_epoch(num_batches, t.grad_accum) * epochs)
+    return optimizer, make_scheduler(optimizer, total, round(t.warmup_ratio * total))
+
+
+def build_geo_model(ctx: RunContext, weights: dict | None):
+    """Pretrained backbone + fresh heads (seeded), then ``weights`` over them when given."""
+    from accelerate.utils import set_seed
+
+    from geoloc.model import build_model
+
+    set_seed(ctx.cfg.train.seed)
+    model = build_model(ctx.cfg.model, ctx.labels.encoder.num_classes)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
+
+
+def gathered_state(ctx: RunContext, prepared) -> dict | None:
+    """The prepared module's full state dict (ZeRO-3: gathered; on the main process only, else None)."""
+    state = ctx.accelerator.get_state_dict(prepared)
+    if ctx.zero_stage == 3 and not ctx.accelerator.is_main_process:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def broadcast_state(ctx: RunContext, state: dict | None) -> dict:
+    """Main's state dict on every rank (only ZeRO-3 leaves the other ranks without one)."""
+    from accelerate.utils import broadcast_object_list
+
+    if ctx.zero_stage != 3:
+        return state
+    box = [state]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def merged_state(geo_model: nn.Module, prepared_state: dict | None) -> dict | None:
+    """Full GeoModel weights: the module's own, overwritten by the prepared (possibly partial) module's."""
+    if prepared_state is None:
+        return None
+    full = {k: v.detach().cpu().clone() for k, v in geo_model.state_dict().items()}
+    unknown = sorted(prepared_state.keys() - full.keys())
+    if unknown:
+        raise KeyError(f"prepared module has keys the GeoModel lacks: {unknown[:5]}")
+    return full | prepared_state
+
+
+# ----------------------------------------------------------------------------- batches and forwards
+
+
+def rng_neutral(iterable):
+    """Iterate without the DataLoader's start-up draw from the global RNG (it seeds its workers).
+
+    That draw happens at the first ``next``: before a mid-epoch checkpoint in an uninterrupted run,
+    after the restore in a resumed one. Hiding it keeps dropout/augmentation RNG identical in both.
+    """
+    with torch.random.fork_rng(devices=[]):
+        it = iter(iterable)
+        first = next(it, None)
+    if first is not None:
+        yield first
+        yield from it
+
+
+def loader_batches(ctx: RunContext, batch_size: int, epoch: int):
+    from geoloc.data import make_train_loader
+
+    acc, cfg = ctx.accelerator, ctx.cfg
+    loader = make_train_loader(
+        ctx.shards["train"], batch_size=batch_size, num_samples=ctx.counts["train"], epoch=epoch,
+        seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
+        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, encoder=ctx.labels.encoder,
+    )  # fmt: skip
+    return rng_neutral(loader)
+
+
+def cached_batches(ctx: RunContext, table, batch_size: int, epoch: int):
+    from geoloc.train.cache import epoch_batches
+
+    acc = ctx.accelerator
+    index = epoch_batches(len(table), batch_size, epoch, ctx.cfg.train.seed, acc.process_index, acc.num_processes)
+    return (table.rows(rows) for rows in index)
+
+
+def cached_forward(ctx: RunContext, model, batch: dict):
+    emb = batch["emb"].to(ctx.accelerator.device, ctx.input_dtype)  # (B, V, D)
+    return model(emb, batch["view_mask"].to(ctx.accelerator.device))
+
+
+def pixel_forward(ctx: RunContext, frozen_backbone: bool, model, batch: dict):
+    from geoloc.export import unwrap
+
+    if frozen_backbone:
+        unwrap(model).backbone.eval()  # as when the cache is built: no dropout in a frozen backbone
+    ctx.preprocessor.train()  # augmentation (if configured) during training only
+    pixels = ctx.preprocessor(batch["images"].to(ctx.accelerator.device))  # (B, V, 3, S, S)
+    return model(pixels, batch["view_mask"].to(ctx.accelerator.device))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def prior(ctx: RunContext):
+    from geoloc.metrics import Prior
+
+    return Prior.from_dict(ctx.labels.prior)
+
+
+@torch.no_grad()
+def validate_cached(ctx: RunContext, model, table) -> dict:
+    """Score the val embeddings; every rank scores all rows (same forward count on each: ZeRO-3 safe)."""
+    from geoloc.predict import Predictions, evaluate
+
+    was_training = model.training
+    model.eval()
+    probs, gps = [], []
+    for rows in torch.arange(len(table)).split(ctx.cfg.train.eval_batch_size):
+        out = cached_forward(ctx, model, table.rows(rows))
+        probs.append(torch.softmax(out.logits.float(), -1).cpu())
+        gps.append(out.gps.float().cpu())
+    model.train(was_training)
+    preds = Predictions(
+        sample_id=np.asarray(table.sample_id, dtype=object),
+        probs=torch.cat(probs).numpy(),
+        gps=torch.cat(gps).numpy(),
+        label=table.label.numpy(),
+        latlon=table.latlon.numpy(),
+        n_views=table.view_mask.sum(1).numpy(),
+    )
+    return evaluate(preds, ctx.labels.encoder, prior(ctx))
+
+
+def padding_batch(num_views: int) -> dict:
+    """One unlabelled sample without views: forwarded by an idle ZeRO-3 rank, ignored by the scoring."""
+    return {
+        "images": torch.zeros(1, num_views, 3, 256, 256, dtype=torch.uint8),
+        "view_mask": torch.zeros(1, num_views, dtype=torch.bool),
+        "label": torch.full((1,), -1, dtype=torch.int64),
+        "latlon": torch.full((1, 2), float("nan")),
+        "sample_id": [PAD_ID],
+    }
+
+
+def lockstep(loader, ctx: RunContext):
+    """Batches of ``loader``; ranks that run out forward padding until every rank is done.
+
+    Needed under ZeRO-3 only: there every forward gathers parameters with a collective, so all ranks
+    must make the same number of calls, while the eval loader gives ranks different batch counts.
+    """
+    acc, it = ctx.accelerator, iter(loader)
+    while True:
+        batch = next(it, None)
+        if acc.gather(torch.tensor([batch is not None], device=acc.device)).sum() == 0:
+            return
+        yield batch if batch is not None else padding_batch(ctx.num_views)
+
+
+def validate_pixels(ctx: RunContext, model) -> dict:
+    """Score the val shards through the full model with geoloc.predict (the numbers infer.py reports)."""
+    from geoloc.data import make_eval_loader
+    from geoloc.predict import evaluate, predict
+
+    acc = ctx.accelerator
+    loader = make_eval_loader(
+        ctx.shards["val"], batch_size=ctx.cfg.train.eval_batch_size, rank=acc.process_index,
+        world_size=acc.num_processes, num_workers=ctx.cfg.data.num_workers, encoder=ctx.labels.encoder,
+    )  # fmt: skip
+    if ctx.zero_stage == 3:
+        loader = lockstep(loader, ctx)
+    ctx.preprocessor.eval()
+    preds = predict(model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype)
+    preds = preds.take(preds.sample_id != PAD_ID)
+    if len(preds) != ctx.counts["val"]:
+        raise TrainingError(f"validation saw {len(preds)} val samples, the manifest has {ctx.counts['val']}")
+    return evaluate(preds, ctx.labels.encoder, prior(ctx))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_best(ctx: RunContext, geo_model: nn.Module, prepared, phase: Phase, metrics: dict, state) -> None:
+    """Write RUN/model/ from the current (best) weights; every rank calls (ZeRO-3 gathers)."""
+    from geoloc.export import save_model_dir, vision_config_dict
+
+    weights = merged_state(geo_model, gathered_state(ctx, prepared))
+    if ctx.accelerator.is_main_process:
+        save_model_dir(
+            ctx.run_dir / "model", model_state_dict=weights, cfg=ctx.cfg,
+            vision_config=vision_config_dict(geo_model), embed_dim=geo_model.embed_dim,
+            num_classes=geo_model.num_classes, encoder=ctx.labels.encoder, preprocess=ctx.preprocess,
+            centroids=ctx.labels.centroids.numpy(), prior=ctx.labels.prior,
+            extra={"val": metrics, "phase": phase.name, "epoch": state.epoch, "global_step": state.global_step},
+        )  # fmt: skip
+    ctx.accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def frozen_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
+    """Phase 1: train fusion + heads with the backbone frozen (on cached embeddings by default)."""
+    from geoloc.model import set_backbone_trainable
+
+    t = ctx.cfg.train
+    set_backbone_trainable(geo_model, None)
+    geo_model.to(ctx.accelerator.device)
+    if t.cache_embeddings:
+        from geoloc.train.cache import cached_steps, load_or_compute
+
+        tables = load_or_compute(ctx, geo_model)
+        module, batch_size = HeadView(geo_model), t.frozen_batch_size
+        num_batches = cached_steps(len(tables["train"]), batch_size, ctx.accelerator.num_processes)
+    else:
+        module, batch_size = geo_model, t.batch_size
+        num_batches = ctx.counts["train"] // (batch_size * ctx.accelerator.num_processes)
+    optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, t.epochs_frozen)
+    model, optimizer = prepare(ctx, module, optimizer, batch_size, geo_model.backbone.config.hidden_size)
+    if t.cache_embeddings:
+        batches, forward = partial(cached_batches, ctx, tables["train"], batch_size), partial(cached_forward, ctx)
+        validate = partial(validate_cached, ctx, model, tables["val"])
+    else:
+        batches, forward = partial(loader_batches, ctx, batch_size), partial(pixel_forward, ctx, True)
+        validate = partial(validate_pixels, ctx, model)
+    return Phase(
+        "frozen", t.epochs_frozen, model, optimizer, scheduler, batches, num_batches, batch_size, forward,
+        validate, full_state=lambda: merged_state(geo_model, gathered_state(ctx, model)),
+    )  # fmt: skip
+
+
+def finetune_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
+    """Phase 2: backbone (or its last N blocks) unfrozen, per-group lrs, optional EMA."""
+    from geoloc.model import set_backbone_trainable
+    from geoloc.train.ema import EMA
+
+    t = ctx.cfg.train
+    set_backbone_trainable(geo_model, t.unfreeze_last_n)
+    num_batches = ctx.counts["train"] // (t.batch_size * ctx.accelerator.num_processes)
+    optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, t.epochs_finetune)
+    model, optimizer = prepare(ctx, geo_model, optimizer, t.batch_size, geo_model.backbone.config.hidden_size)
+    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    return Phase(
+        "finetune", t.epochs_finetune, model, optimizer, scheduler, partial(loader_batches, ctx, t.batch_size),
+        num_batches, t.batch_size, partial(pixel_forward, ctx, False), partial(validate_pixels, ctx, model),
+        full_state=lambda: merged_state(geo_model, gathered_state(ctx, model)), ema=ema,
+    )  # fmt: skip
+
+
+def train_phase(
+    ctx: RunContext, state: TrainState, resume_from: Path | None, weights: dict | None
+) -> tuple[dict, TrainState]:
+    """Build, (resume,) train and tear down one phase; returns the final full weights on every rank."""
+    geo_model = build_geo_model(ctx, weights)
+    build = frozen_phase if state.phase == "frozen" else finetune_phase
+    phase = build(ctx, geo_model)
+    ctx.extra["phase_objects"].scheduler, ctx.extra["phase_objects"].ema = phase.scheduler, phase.ema
+    if resume_from is not None:
+        state = TrainState.from_dict(ctx.checkpoints.load(resume_from))
+    export = partial(_export, ctx, geo_model)
+    run_phase(ctx, phase, state, export)
+    final = broadcast_state(ctx, phase.full_state())
+    ctx.accelerator.free_memory()  # destroys a DeepSpeed engine: phase 2 builds its own
+    return final, state
+
+
+def _export(ctx: RunContext, geo_model, phase: Phase, metrics: dict, state: TrainState) -> None:
+    export_best(ctx, geo_model, phase.model, phase, metrics, state)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def starting_point(ctx: RunContext) -> tuple[TrainState, Path | None]:
+    """A fresh state at the first requested phase, or the one saved in the checkpoint to resume."""
+    from geoloc.train.checkpoint import STATE_FILE
+
+    fresh = TrainState(phase=ctx.opts.phases[0])
+    if not ctx.opts.resume:
+        return fresh, None
+    try:
+        path = ctx.checkpoints.resolve(ctx.opts.resume)
+    except FileNotFoundError as err:
+        if ctx.opts.resume == "latest":  # preemptible jobs always pass --resume latest
+            ctx.accelerator.print(f"{err}; starting from scratch")
+            return fresh, None
+        raise TrainingError(str(err)) from None
+    state = TrainState.from_dict(json.loads((path / STATE_FILE).read_text())["state"])
+    if state.phase not in ctx.opts.phases:
+        raise TrainingError(f"{path} is a {state.phase} checkpoint but --phase {ctx.opts.phase} was asked")
+    return state, path
+
+
+def initial_weights(opts: RunOptions) -> dict | None:
+    """Weights of ``--init-from`` (an exported model directory), else None."""
+    if opts.init_from is None:
+        return None
+    from safetensors.torch import load_file
+
+    from geoloc.export import WEIGHTS
+
+    path = Path(opts.init_from) / WEIGHTS
+    if not path.is_file():
+        raise TrainingError(f"--init-from {opts.init_from}: no {WEIGHTS} there (expected an exported RUN/model)")
+    return load_file(path)
+
+
+def run(cfg, opts: RunOptions) -> None:
+    """The whole training command: both phases (or the one asked for), resuming when asked."""
+    ctx = prepare_context(cfg, opts)
+    ctx.extra["phase_objects"] = PhaseObjects()
+    ctx.accelerator.register_for_checkpointing(ctx.extra["phase_objects"])
+    try:
+        state, resume_from = starting_point(ctx)
+        weights = initial_weights(opts)
+        for name in opts.phases[opts.phases.index(state.phase) :]:
+            if state.phase != name:  # moving on to the next phase: keep the run-wide counters
+                state = TrainState(name, global_step=state.global_step, best_score=state.best_score)
+            weights, state = train_phase(ctx, state, resume_from, weights)
+            resume_from = None
+    finally:
+        ctx.tracker.finish()
+    if state.best_score is not None:
+        ctx.accelerator.print(f"best val score {state.best_score:.4f}; model in {ctx.run_dir / 'model'}")
