@@ -1,0 +1,486 @@
+"""Data root -> WebDataset tar shards + ``manifest.json`` (the ``shard_dataset.py`` tool).
+
+    python shard_dataset.py --data-root ROOT --out DIR [--val-fraction 0.1] [--seed 0] \\
+        [--samples-per-shard 1000] [--workers N] [--strict]
+
+Writes ``DIR/{train,val,test}-NNNNNN.tar``; per sample ``<key>.{north,east,south,west}.jpg`` (the
+original bytes, never re-encoded) and ``<key>.json``. Train/val is a seeded split stratified by state.
+A bad training sample (missing/undecodable view, bad coordinate, unknown state, duplicated id) is
+skipped, listed in the manifest and printed (``--strict``: an error instead); a test sample is never
+skipped, its unreadable views are recorded in ``missing_views``. Output bytes depend only on the data
+and the flags, not on ``--workers``. Each shard is written to ``NAME.tmp`` and renamed, the manifest
+last: a directory without ``manifest.json`` is an unfinished run, and rerunning finishes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from geoloc import contract
+from geoloc.labels import LabelEncoder
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+TMP_SUFFIX = ".tmp"
+SHOW_FIRST = 5  # skipped samples printed in full on the console; the manifest lists them all
+# skip reasons start with one of these codes (counted in the console summary)
+MISSING_VIEW, BAD_IMAGE, BAD_COORDINATE, UNKNOWN_STATE, DUPLICATE_ID = (
+    "missing_view",
+    "bad_image",
+    "bad_coordinate",
+    "unknown_state",
+    "duplicate_id",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One location as read from a CSV row; labels are None for test samples."""
+
+    sample_id: str
+    split: str
+    paths: tuple[str | None, ...]  # per view (VIEWS order); None when the CSV names no file
+    state_idx: int | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    out_dir: str
+    name: str  # e.g. "train-000003.tar"
+    samples: tuple[Sample, ...]
+    strict: bool
+
+
+@dataclass
+class ShardResult:
+    name: str
+    count: int
+    states: list[int] = field(default_factory=list)  # state_idx of every kept labelled sample
+    skipped: list[dict] = field(default_factory=list)
+    missing_views: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading the CSVs
+
+
+def skip_entry(sample_id: str, split: str, reason: str) -> dict:
+    return {"sample_id": str(sample_id), "split": split, "reason": reason}
+
+
+def resolve_image(root: Path, folder: str, name) -> str | None:
+    """The file a CSV image cell names: relative to the images folder, else to the data root."""
+    if pd.isna(name) or not str(name).strip():
+        return None
+    path = root / folder / str(name)
+    if not path.exists() and (root / str(name)).exists():
+        path = root / str(name)
+    return str(path)
+
+
+def parse_labels(row: dict, states: dict[int, str]) -> tuple[tuple[int, float, float] | None, str | None]:
+    """``((state_idx, lat, lon), None)`` for a usable training row, else ``(None, why not)``."""
+    idx = pd.to_numeric(row["state_idx"], errors="coerce")
+    if pd.isna(idx) or not float(idx).is_integer() or int(idx) not in states:
+        return None, f"{UNKNOWN_STATE}: state_idx {row['state_idx']!r} is not in {contract.STATE_MAPPING}"
+    coords = []
+    for col, bound in (("latitude", 90.0), ("longitude", 180.0)):
+        value = pd.to_numeric(row[col], errors="coerce")
+        if pd.isna(value) or not -bound <= float(value) <= bound:
+            return None, f"{BAD_COORDINATE}: {col} {row[col]!r} is not a number in [-{bound:g}, {bound:g}]"
+        coords.append(float(value))
+    return (int(idx), *coords), None
+
+
+def duplicate_lines(ids: list[str]) -> dict[str, list[int]]:
+    """Shard key -> CSV line numbers, for keys used by more than one row (the header is line 1)."""
+    lines: dict[str, list[int]] = {}
+    for i, sid in enumerate(ids):
+        lines.setdefault(contract.sample_key(sid), []).append(i + 2)
+    return {k: v for k, v in lines.items() if len(v) > 1}
+
+
+def fail_or_skip(strict: bool, where: str, entry: dict) -> dict:
+    if strict:
+        raise contract.DataContractError(f"{where}: sample {entry['sample_id']!r}: {entry['reason']}")
+    return entry
+
+
+def read_train_samples(root: Path, states: dict[int, str], strict: bool) -> tuple[list[Sample], list[dict]]:
+    """Valid-looking training rows as samples, plus skip entries for the rows that are not."""
+    rows = contract.read_train_table(root).to_dict("records")
+    dups = duplicate_lines([r["sample_id"] for r in rows])
+    samples, skipped = [], []
+    for line, row in enumerate(rows, start=2):
+        sid = str(row["sample_id"])
+        key = contract.sample_key(sid)
+        labels, problem = parse_labels(row, states)
+        if key in dups:  # which row is right is unknowable: skip all of them
+            problem = f"{DUPLICATE_ID}: sample_id {sid!r} (key {key!r}) on CSV lines {dups[key]}"
+        if problem:
+            entry = skip_entry(sid, "train", problem)
+            skipped.append(fail_or_skip(strict, f"{root / contract.TRAIN_CSV}, line {line}", entry))
+            continue
+        paths = tuple(resolve_image(root, contract.TRAIN_IMAGES, row[c]) for c in contract.IMAGE_COLUMNS)
+        samples.append(Sample(sid, "train", paths, *labels))
+    return samples, skipped
+
+
+def read_test_samples(root: Path, strict: bool) -> tuple[list[Sample], list[dict]]:
+    """Every test row is kept; a repeated id keeps its first row (the submission has one row per id)."""
+    path = root / contract.SAMPLE_SUBMISSION
+    rows = contract.read_submission_template(path).to_dict("records")
+    dups = duplicate_lines([r["sample_id"] for r in rows])
+    samples, skipped, seen = [], [], set()
+    for line, row in enumerate(rows, start=2):
+        sid, key = str(row["sample_id"]), contract.sample_key(row["sample_id"])
+        if key in seen:
+            reason = (
+                f"{DUPLICATE_ID}: sample_id {sid!r} (key {key!r}) on CSV lines {dups[key]}; first row kept"
+            )
+            skipped.append(fail_or_skip(strict, f"{path}, line {line}", skip_entry(sid, "test", reason)))
+            continue
+        seen.add(key)
+        paths = tuple(resolve_image(root, contract.TEST_IMAGES, row[c]) for c in contract.IMAGE_COLUMNS)
+        samples.append(Sample(sid, "test", paths))
+    return samples, skipped
+
+
+# ---------------------------------------------------------------- split and shard plan
+
+
+def split_counts(sizes: dict[int, int], val_fraction: float) -> dict[int, int]:
+    """Validation samples per state: proportional, totalling round(N * fraction) (largest remainder);
+    every state keeps at least one training sample, so a state with one sample stays in train."""
+    quota = {s: n * val_fraction for s, n in sizes.items()}
+    counts = {s: min(int(q), sizes[s] - 1) for s, q in quota.items()}
+    target = int(sum(sizes.values()) * val_fraction + 0.5)
+    for s in sorted(sizes, key=lambda s: (int(quota[s]) - quota[s], s)):  # largest remainder first
+        if sum(counts.values()) >= target:
+            break
+        counts[s] += counts[s] < sizes[s] - 1
+    return counts
+
+
+def stratified_split(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Seeded train/val split per state; independent of the CSV's row order."""
+    by_state: dict[int, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.sample_id):
+        by_state.setdefault(s.state_idx, []).append(s)
+    counts = split_counts({k: len(v) for k, v in by_state.items()}, val_fraction)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for state in sorted(by_state):
+        group = by_state[state]
+        is_val = np.zeros(len(group), dtype=bool)
+        is_val[rng.permutation(len(group))[: counts[state]]] = True
+        train += [s for s, v in zip(group, is_val) if not v]
+        val += [
+            Sample(s.sample_id, "val", s.paths, s.state_idx, s.lat, s.lon) for s, v in zip(group, is_val) if v
+        ]
+    return train, val
+
+
+def plan_shards(samples: list[Sample], split: str, seed: int, per_shard: int) -> list[tuple[str, tuple]]:
+    """Shuffle a split (seeded) and cut it into ``(shard name, samples)`` of ``per_shard`` samples."""
+    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(samples))
+    shuffled = [samples[i] for i in order]
+    return [
+        (f"{split}-{i // per_shard:06d}.tar", tuple(shuffled[i : i + per_shard]))
+        for i in range(0, len(shuffled), per_shard)
+    ]
+
+
+# ---------------------------------------------------------------- checking and writing one shard
+
+
+def read_view(path: str | None, view: str) -> tuple[bytes | None, str | None]:
+    """``(bytes, None)`` for an image PIL fully decodes (any mode or format), else ``(None, problem)``."""
+    if path is None:
+        return None, f"{MISSING_VIEW}: {view} view: the CSV names no file"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return None, f"{MISSING_VIEW}: {view} view: {path}: {err.strerror or err}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes every pixel: a truncated JPEG fails here, not at open()
+    except Exception as err:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, struct.error...
+        return None, f"{BAD_IMAGE}: {view} view: {path}: {type(err).__name__}: {err}"
+    return data, None
+
+
+def sample_json(sample: Sample, missing: list[str]) -> bytes:
+    meta = {
+        "sample_id": sample.sample_id,
+        "state_idx": sample.state_idx,
+        "lat": sample.lat,
+        "lon": sample.lon,
+        "missing_views": missing,
+    }
+    return json.dumps(meta).encode()
+
+
+def sample_members(sample: Sample, strict: bool) -> tuple[list[tuple[str, bytes]], dict | None, list[dict]]:
+    """Tar members of one sample, or a skip entry; plus the missing-view records of a test sample."""
+    key = contract.sample_key(sample.sample_id)
+    members, missing = [], []
+    for view, path in zip(contract.VIEWS, sample.paths):
+        data, problem = read_view(path, view)
+        if problem is None:
+            members.append((f"{key}.{view}.jpg", data))
+        elif sample.split != "test":
+            entry = skip_entry(sample.sample_id, sample.split, problem)
+            return [], fail_or_skip(strict, path or f"{view} view", entry), []
+        else:
+            missing.append({"sample_id": sample.sample_id, "split": "test", "view": view, "reason": problem})
+    members.append((f"{key}.json", sample_json(sample, [m["view"] for m in missing])))
+    return members, None, missing
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Fixed header fields (mtime, owner, mode): the shard's bytes depend only on its content."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(file)`` into ``path.tmp``, flush to disk, then rename: ``path`` is never half-written."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Check every sample of one planned shard and write the kept ones (runs in a worker process)."""
+    result = ShardResult(task.name, 0)
+
+    def write(f):
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for sample in task.samples:
+                members, skipped, missing = sample_members(sample, task.strict)
+                if skipped:
+                    result.skipped.append(skipped)
+                    continue
+                for name, data in members:
+                    add_member(tar, name, data)
+                result.count += 1
+                result.missing_views += missing
+                if sample.state_idx is not None:
+                    result.states.append(sample.state_idx)
+
+    write_atomic(Path(task.out_dir) / task.name, write)
+    return result
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[ShardResult]:
+    """Results in task order whatever ``workers`` is (imap keeps order), with a progress bar."""
+    bar = tqdm(total=sum(len(t.samples) for t in tasks), unit="sample", desc="sharding", disable=not progress)
+    results = []
+    if workers <= 1 or len(tasks) <= 1:
+        results_iter, pool = map(write_shard, tasks), None
+    else:  # spawn: no fork of a parent that may hold torch/OpenMP threads
+        pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
+        results_iter = pool.imap(write_shard, tasks)
+    try:
+        for task, result in zip(tasks, results_iter):
+            results.append(result)
+            bar.update(len(task.samples))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return results
+
+
+def remove_stale(out_dir: Path, keep: set[str]) -> None:
+    """Drop the manifest, temporaries and shards not in this run's plan; other files are left alone."""
+    for path in out_dir.iterdir():
+        name, stem = path.name, path.name.removesuffix(TMP_SUFFIX)
+        stale_shard = SHARD_RE.match(name) and name not in keep
+        temporary = name != stem and (SHARD_RE.match(stem) or stem == MANIFEST)
+        if name == MANIFEST or stale_shard or temporary:
+            path.unlink()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def summarize(manifest: dict, out_dir: Path) -> list[str]:
+    """Console lines: counts per split, skips per reason code with the first few, missing test views."""
+    splits = manifest["splits"]
+    counts = ", ".join(f"{s} {splits[s]['count']}" for s in SPLITS)
+    lines = [f"wrote {counts} samples in {sum(len(splits[s]['shards']) for s in SPLITS)} shards to {out_dir}"]
+    for key, what in (("skipped", "skipped"), ("missing_views", "test views missing (sample kept)")):
+        entries = manifest[key]
+        if not entries:
+            continue
+        by_code = Counter(e["reason"].split(":")[0] for e in entries)
+        lines.append(f"{len(entries)} {what}: " + ", ".join(f"{c} {n}" for c, n in sorted(by_code.items())))
+        lines += [f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in entries[:SHOW_FIRST]]
+        if len(entries) > SHOW_FIRST:
+            lines.append(f"  ... {len(entries) - SHOW_FIRST} more, all listed in {out_dir / MANIFEST}")
+    return lines
+
+
+def build_manifest(root: Path, seed: int, val_fraction: float, encoder: LabelEncoder, plan, results, skipped):
+    splits = {s: {"count": 0, "shards": {}} for s in SPLITS}
+    for (split, _), result in zip(plan, results):
+        splits[split]["count"] += result.count
+        splits[split]["shards"][result.name] = result.count
+    return {
+        "version": MANIFEST_VERSION,
+        "data_root": str(root),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "csv_sha256": file_sha256(root / contract.TRAIN_CSV),
+        "label_encoder": encoder.to_dict(),
+        "splits": splits,
+        "skipped": skipped + [e for r in results for e in r.skipped],
+        "missing_views": [m for r in results for m in r.missing_views],
+    }
+
+
+def check_args(val_fraction: float, samples_per_shard: int, workers: int) -> None:
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    if samples_per_shard < 1 or workers < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}, workers={workers}: both must be >= 1")
+
+
+def shard_dataset(
+    data_root: str | Path,
+    out_dir: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    strict: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the shards and ``manifest.json`` of a data root; returns the manifest."""
+    check_args(val_fraction, samples_per_shard, workers)
+    root, out = Path(data_root).resolve(), Path(out_dir)
+    states = contract.read_state_mapping(root)
+    train, skipped = read_train_samples(root, states, strict)
+    test, test_skipped = read_test_samples(root, strict)
+    train, val = stratified_split(train, val_fraction, seed)
+    plan = [
+        (split, p)
+        for split, ss in zip(SPLITS, (train, val, test))
+        for p in plan_shards(ss, split, seed, samples_per_shard)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out, {name for _, (name, _) in plan})
+    tasks = [ShardTask(str(out), name, samples, strict) for _, (name, samples) in plan]
+    results = run_tasks(tasks, workers, progress)
+    labelled = [s for (split, _), r in zip(plan, results) if split != "test" for s in r.states]
+    encoder = LabelEncoder.fit(labelled, states)
+    manifest = build_manifest(root, seed, val_fraction, encoder, plan, results, skipped + test_skipped)
+    print("\n".join(summarize(manifest, out)))
+    if not labelled:
+        raise contract.DataContractError(
+            f"{root / contract.TRAIN_CSV}: no usable training sample (see above)"
+        )
+    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    return manifest
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="shard_dataset.py",
+        description="Write WebDataset tar shards ({train,val,test}-NNNNNN.tar) and manifest.json from a "
+        "competition data root. Bad training samples are skipped and listed; test samples are never skipped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-root",
+        required=True,
+        type=Path,
+        help="data root with train_images/, test_images/, train_ground_truth.csv, sample_submission.csv, "
+        "state_mapping.csv",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output directory; shards, temporaries and the manifest of an earlier run there are replaced",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of each state's training samples held out as 'val' (a state's last sample stays in train)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the train/val split and of the sample order"
+    )
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="samples per tar shard (last is smaller)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that check and write shards in parallel; the output is the same for any number",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error naming the sample and file at the first bad sample instead of skipping it",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    try:
+        check_args(args.val_fraction, args.samples_per_shard, args.workers)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        shard_dataset(
+            args.data_root,
+            args.out,
+            args.val_fraction,
+            args.seed,
+            args.samples_per_shard,
+            args.workers,
+            args.strict,
+            progress=not args.no_progress,
+        )
+    except contract.DataContractError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,421 @@
+"""shard_dataset: shard layout and bytes, manifest, stratified split, bad input, workers, reruns, CLI."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from geoloc import contract
+from geoloc.labels import LabelEncoder
+from geoloc.sharding import SHARD_RE, shard_dataset, split_counts, write_atomic
+from geoloc.synth import corrupt_view, generate_dataset, view_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_root(path, n_train=30, n_test=6, seed=0):
+    """32 px views: decoding is what the sharder checks, not the size."""
+    return generate_dataset(path, n_train=n_train, n_test=n_test, seed=seed, num_states=5, image_size=32)
+
+
+def read_split(out, split):
+    """``{sample_id: {member suffix: bytes}}`` over the split's shards, plus ids in written order."""
+    samples, order = {}, []
+    for shard in sorted(Path(out).glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, suffix = m.name.split(".", 1)
+                samples.setdefault(key, {})[suffix] = tar.extractfile(m).read()
+    for key, members in samples.items():
+        order.append(json.loads(members["json"])["sample_id"])
+    return {json.loads(m["json"])["sample_id"]: m for m in samples.values()}, order
+
+
+def shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+
+
+def edit_train_csv(root, edit):
+    df = pd.read_csv(root / contract.TRAIN_CSV, dtype=str)
+    edit(df)
+    df.to_csv(root / contract.TRAIN_CSV, index=False)
+
+
+# ---------------------------------------------------------------- layout, bytes, manifest
+
+
+def test_manifest_fields(tiny_shards, tiny_data_root):
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert manifest["version"] == 1
+    assert manifest["data_root"] == str(Path(tiny_data_root).resolve())
+    assert (manifest["seed"], manifest["val_fraction"]) == (0, 0.25)
+    csv = (Path(tiny_data_root) / contract.TRAIN_CSV).read_bytes()
+    assert manifest["csv_sha256"] == hashlib.sha256(csv).hexdigest()
+    train = contract.read_train_table(tiny_data_root)
+    expected = LabelEncoder.fit(train["state_idx"], contract.read_state_mapping(tiny_data_root))
+    assert LabelEncoder.from_dict(manifest["label_encoder"]) == expected
+    assert manifest["skipped"] == [] and manifest["missing_views"] == []
+    on_disk = sorted(p.name for p in tiny_shards.glob("*.tar"))
+    assert on_disk == sorted(n for s in manifest["splits"].values() for n in s["shards"])
+    for split, info in manifest["splits"].items():
+        assert info["count"] == sum(info["shards"].values()) == len(read_split(tiny_shards, split)[0])
+        assert all(n.startswith(f"{split}-") and SHARD_RE.match(n) for n in info["shards"])
+        assert all(0 < c <= 7 for c in info["shards"].values())
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 48
+    assert manifest["splits"]["test"]["count"] == 12
+
+
+def test_members_hold_original_bytes_and_labels(tiny_shards, tiny_data_root):
+    root = Path(tiny_data_root)
+    rows = contract.read_train_table(root).set_index("sample_id")
+    for split in ("train", "val"):
+        samples, _ = read_split(tiny_shards, split)
+        for sid, members in samples.items():
+            assert sorted(members) == ["east.jpg", "json", "north.jpg", "south.jpg", "west.jpg"]
+            for view in contract.VIEWS:  # no re-encode
+                assert (
+                    members[f"{view}.jpg"]
+                    == (root / contract.TRAIN_IMAGES / rows.loc[sid, f"image_{view}"]).read_bytes()
+                )
+            meta = json.loads(members["json"])
+            assert meta == {
+                "sample_id": sid,
+                "state_idx": int(rows.loc[sid, "state_idx"]),
+                "lat": float(rows.loc[sid, "latitude"]),
+                "lon": float(rows.loc[sid, "longitude"]),
+                "missing_views": [],
+            }
+    test, _ = read_split(tiny_shards, "test")
+    template = contract.read_submission_template(root / contract.SAMPLE_SUBMISSION)
+    assert sorted(test) == sorted(template["sample_id"])
+    for sid, members in test.items():
+        assert json.loads(members["json"]) == {
+            "sample_id": sid,
+            "state_idx": None,
+            "lat": None,
+            "lon": None,
+            "missing_views": [],
+        }
+        assert members["north.jpg"] == view_path(root, sid, "north").read_bytes()
+
+
+def test_plain_tar_reads_a_shard(tiny_shards):
+    shard = min(tiny_shards.glob("train-*.tar"))
+    listed = subprocess.run(
+        ["tar", "-tf", str(shard)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    with tarfile.open(shard) as tar:
+        assert listed == tar.getnames()
+        first = tar.extractfile(listed[0]).read()
+    assert (
+        subprocess.run(["tar", "-xOf", str(shard), listed[0]], capture_output=True, check=True).stdout
+        == first
+    )
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_counts_are_proportional_and_keep_one_in_train():
+    counts = split_counts({3: 1, 7: 10, 9: 4, 20: 2}, 0.25)
+    assert counts[3] == 0  # a state with one sample stays in train
+    assert sum(counts.values()) == round(17 * 0.25)
+    assert all(abs(counts[s] - n * 0.25) < 1 for s, n in {7: 10, 9: 4, 20: 2}.items())
+    assert split_counts({1: 5, 2: 5}, 0.0) == {1: 0, 2: 0}
+    assert split_counts({1: 2, 2: 2, 5: 2}, 0.9) == {1: 1, 2: 1, 5: 1}
+
+
+def test_split_is_stratified_disjoint_and_complete(tiny_shards, tiny_data_root):
+    train, _ = read_split(tiny_shards, "train")
+    val, _ = read_split(tiny_shards, "val")
+    rows = contract.read_train_table(tiny_data_root)
+    assert not set(train) & set(val)
+    assert set(train) | set(val) == set(rows["sample_id"])
+    sizes = rows["state_idx"].value_counts()
+    val_states = pd.Series([json.loads(m["json"])["state_idx"] for m in val.values()]).value_counts()
+    assert set(val_states.index) <= {s for s, n in sizes.items() if n > 1}
+    for state, n in sizes.items():
+        assert abs(val_states.get(state, 0) - 0.25 * n) < 1
+    assert len(val) == round(48 * 0.25)
+
+
+def test_split_and_order_are_seeded_and_shuffled(tmp_path):
+    root = small_root(tmp_path / "data")
+    a = shard_dataset(root, tmp_path / "a", val_fraction=0.3, seed=1, samples_per_shard=8, progress=False)
+    shard_dataset(root, tmp_path / "b", val_fraction=0.3, seed=1, samples_per_shard=8, progress=False)
+    c = shard_dataset(root, tmp_path / "c", val_fraction=0.3, seed=2, samples_per_shard=8, progress=False)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert a["splits"]["val"]["count"] == c["splits"]["val"]["count"]
+    assert set(read_split(tmp_path / "a", "val")[0]) != set(read_split(tmp_path / "c", "val")[0])
+    order = read_split(tmp_path / "a", "train")[1]
+    assert order != sorted(order)  # written shuffled, not in id/CSV order
+    assert order != read_split(tmp_path / "c", "train")[1]
+
+
+def test_split_ignores_csv_row_order(tmp_path):
+    root = small_root(tmp_path / "data")
+    shard_dataset(root, tmp_path / "a", val_fraction=0.3, seed=0, samples_per_shard=8, progress=False)
+    df = pd.read_csv(root / contract.TRAIN_CSV, dtype=str)
+    df.iloc[::-1].to_csv(root / contract.TRAIN_CSV, index=False)
+    shard_dataset(root, tmp_path / "b", val_fraction=0.3, seed=0, samples_per_shard=8, progress=False)
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "a", split)[0] == read_split(tmp_path / "b", split)[0]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def break_training_data(root):
+    """One sample per kind of bad input; returns {sample_id: expected reason code}."""
+    corrupt_view(root, "000001", "north", "missing")
+    corrupt_view(root, "000002", "east", "truncated")
+    corrupt_view(root, "000003", "south", "garbage")
+
+    def edit(df):
+        df.loc[4, "latitude"] = "nan"
+        df.loc[5, "longitude"] = "-200.5"
+        df.loc[6, "state_idx"] = "77"
+        df.loc[7, "state_idx"] = "abc"
+        df.loc[8, "sample_id"] = "000009"  # now 000009 twice: both rows go
+        df.loc[10, "image_west"] = None
+
+    edit_train_csv(root, edit)
+    return {
+        "000001": "missing_view",
+        "000002": "bad_image",
+        "000003": "bad_image",
+        "000004": "bad_coordinate",
+        "000005": "bad_coordinate",
+        "000006": "unknown_state",
+        "000007": "unknown_state",
+        "000009": "duplicate_id",
+        "000010": "missing_view",
+    }
+
+
+def test_bad_training_samples_are_skipped_listed_and_printed(tmp_path, capsys):
+    root = small_root(tmp_path / "data")
+    expected = break_training_data(root)
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.2, samples_per_shard=8, progress=False)
+    listed = {}
+    for e in manifest["skipped"]:
+        assert set(e) == {"sample_id", "split", "reason"} and e["split"] in ("train", "val")
+        listed.setdefault(e["sample_id"], set()).add(e["reason"].split(":")[0])
+    assert listed == {sid: {code} for sid, code in expected.items()}
+    assert len(manifest["skipped"]) == len(expected) + 1  # two rows carry the duplicated id
+    kept = {**read_split(tmp_path / "out", "train")[0], **read_split(tmp_path / "out", "val")[0]}
+    assert not set(kept) & set(expected)
+    assert len(kept) == 30 - len(expected) - 1  # 000008 was renamed to the duplicate 000009
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == len(kept)
+    out = capsys.readouterr().out
+    assert "10 skipped: bad_coordinate 2, bad_image 2, duplicate_id 2, missing_view 2, unknown_state 2" in out
+    assert "000004 (train): bad_coordinate: latitude" in out and "5 more, all listed in" in out
+
+
+def test_unknown_state_is_checked_against_the_mapping(tmp_path):
+    root = small_root(tmp_path / "data")
+    present = int(contract.read_train_table(root)["state_idx"].iloc[0])
+    mapping = pd.read_csv(root / contract.STATE_MAPPING)
+    mapping[mapping["state_idx"] != present].to_csv(root / contract.STATE_MAPPING, index=False)
+    manifest = shard_dataset(root, tmp_path / "out", samples_per_shard=8, progress=False)
+    assert manifest["skipped"] and all(e["reason"].startswith("unknown_state") for e in manifest["skipped"])
+    assert present not in manifest["label_encoder"]["state_indices"]
+
+
+def nan_latitude_in_row_4(root):
+    edit_train_csv(root, lambda df: df.__setitem__("latitude", df["latitude"].where(df.index != 4, "nan")))
+
+
+def truncate_000002_east(root):
+    corrupt_view(root, "000002", "east", "truncated")
+
+
+@pytest.mark.parametrize(
+    "breakage, sample, where",
+    [
+        (truncate_000002_east, "000002", "img_000002_east.jpg"),
+        (nan_latitude_in_row_4, "000004", f"{contract.TRAIN_CSV}, line 6"),
+    ],
+)
+def test_strict_stops_at_the_first_bad_sample(tmp_path, breakage, sample, where):
+    root = small_root(tmp_path / "data")
+    breakage(root)
+    with pytest.raises(contract.DataContractError, match=where) as err:
+        shard_dataset(root, tmp_path / "out", strict=True, samples_per_shard=8, progress=False)
+    assert f"sample '{sample}'" in str(err.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["grayscale", "cmyk", "png"])
+def test_other_image_modes_are_kept_byte_for_byte(tmp_path, kind):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    path = corrupt_view(root, "000003", "west", kind)
+    test_path = corrupt_view(root, "000007", "north", kind)
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert manifest["skipped"] == [] and manifest["missing_views"] == []
+    assert read_split(tmp_path / "out", "train")[0]["000003"]["west.jpg"] == path.read_bytes()
+    assert read_split(tmp_path / "out", "test")[0]["000007"]["north.jpg"] == test_path.read_bytes()
+
+
+def test_test_sample_with_bad_views_is_kept(tmp_path, capsys):
+    root = small_root(tmp_path / "data", n_train=8, n_test=4)
+    corrupt_view(root, "000009", "east", "truncated")
+    corrupt_view(root, "000009", "west", "missing")
+    for view in contract.VIEWS:
+        corrupt_view(root, "000010", view, "garbage")
+    manifest = shard_dataset(root, tmp_path / "out", samples_per_shard=3, progress=False)
+    assert manifest["skipped"] == [] and manifest["splits"]["test"]["count"] == 4
+    test = read_split(tmp_path / "out", "test")[0]
+    assert sorted(test["000009"]) == ["json", "north.jpg", "south.jpg"]
+    assert json.loads(test["000009"]["json"])["missing_views"] == ["east", "west"]
+    assert sorted(test["000010"]) == ["json"]
+    assert json.loads(test["000010"]["json"])["missing_views"] == list(contract.VIEWS)
+    recorded = [(m["sample_id"], m["view"], m["reason"].split(":")[0]) for m in manifest["missing_views"]]
+    assert ("000009", "east", "bad_image") in recorded and ("000009", "west", "missing_view") in recorded
+    assert len(recorded) == 6
+    assert "6 test views missing (sample kept)" in capsys.readouterr().out
+
+
+def test_duplicated_test_id_keeps_the_first_row(tmp_path):
+    root = small_root(tmp_path / "data", n_train=8, n_test=3)
+    template = pd.read_csv(root / contract.SAMPLE_SUBMISSION, dtype=str)
+    pd.concat([template, template.iloc[[0]]]).to_csv(root / contract.SAMPLE_SUBMISSION, index=False)
+    manifest = shard_dataset(root, tmp_path / "out", progress=False)
+    assert manifest["splits"]["test"]["count"] == 3
+    assert [(e["sample_id"], e["split"]) for e in manifest["skipped"]] == [("000008", "test")]
+    assert manifest["skipped"][0]["reason"].startswith("duplicate_id")
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    root = small_root(tmp_path / "data", n_train=2, n_test=1)
+    for kwargs in ({"val_fraction": 1.0}, {"val_fraction": -0.1}, {"samples_per_shard": 0}, {"workers": 0}):
+        with pytest.raises(ValueError):
+            shard_dataset(root, tmp_path / "out", progress=False, **kwargs)
+
+
+# ---------------------------------------------------------------- workers and reruns
+
+
+def test_output_is_identical_for_one_and_two_workers(tmp_path):
+    root = small_root(tmp_path / "data", n_train=40, n_test=8)
+    corrupt_view(root, "000005", "north", "truncated")  # the skip list must match too
+    one = shard_dataset(
+        root, tmp_path / "one", val_fraction=0.2, samples_per_shard=6, workers=1, progress=False
+    )
+    two = shard_dataset(
+        root, tmp_path / "two", val_fraction=0.2, samples_per_shard=6, workers=2, progress=False
+    )
+    assert one == two and len(one["skipped"]) == 1
+    assert len(one["splits"]["train"]["shards"]) > 2
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+
+
+def test_interrupted_run_leaves_no_finished_looking_shard_and_rerun_repairs(tmp_path, monkeypatch):
+    root = small_root(tmp_path / "data")
+    kwargs = {"val_fraction": 0.2, "samples_per_shard": 5, "progress": False}
+    shard_dataset(root, tmp_path / "clean", **kwargs)
+    out = tmp_path / "out"
+    shard_dataset(root, out, seed=9, samples_per_shard=2, progress=False)  # a different earlier run
+    (out / "notes.txt").write_text("not ours")
+
+    from geoloc import sharding
+
+    calls = {"n": 0}
+    real_add = sharding.add_member
+
+    def dying_add(tar, name, data):
+        calls["n"] += 1
+        if calls["n"] == 12:  # in the middle of the third sample of the first shard
+            raise KeyboardInterrupt
+        real_add(tar, name, data)
+
+    monkeypatch.setattr(sharding, "add_member", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        shard_dataset(root, out, **kwargs)
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists()  # the old manifest no longer vouches for the directory
+    assert (out / "train-000000.tar.tmp").exists()
+    # the half-written shard is only a temporary; what .tar files remain belong to the earlier run
+    with tarfile.open(out / "train-000000.tar") as tar:
+        assert len(tar.getnames()) == 2 * 5
+    shard_dataset(root, out, **kwargs)
+    assert shard_bytes(out) == {**shard_bytes(tmp_path / "clean"), "notes.txt": b"not ours"}
+
+
+def test_write_atomic_never_leaves_a_partial_file(tmp_path):
+    target = tmp_path / "x.tar"
+
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(target, fail)
+    assert not target.exists() and (tmp_path / "x.tar.tmp").read_bytes() == b"partial"
+    write_atomic(target, lambda f: f.write(b"done"))
+    assert target.read_bytes() == b"done" and not (tmp_path / "x.tar.tmp").exists()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "shard_dataset.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def test_cli_help_explains_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--data-root",
+        "--out",
+        "--val-fraction",
+        "--seed",
+        "--samples-per-shard",
+        "--workers",
+        "--strict",
+    ):
+        assert flag in result.stdout
+    assert result.stdout.count("(default:") >= 4
+
+
+def test_cli_run_and_strict_error(tmp_path):
+    root = small_root(tmp_path / "data", n_train=20, n_test=4)
+    result = run_cli(
+        "--data-root",
+        str(root),
+        "--out",
+        str(tmp_path / "out"),
+        "--val-fraction",
+        "0.25",
+        "--samples-per-shard",
+        "4",
+        "--workers",
+        "2",
+        "--seed",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["seed"], manifest["val_fraction"]) == (3, 0.25)
+    assert manifest["splits"]["val"]["count"] == 5 and len(manifest["splits"]["train"]["shards"]) == 4
+    assert "wrote train 15, val 5, test 4 samples" in result.stdout
+    corrupt_view(root, "000004", "south", "garbage")
+    result = run_cli("--data-root", str(root), "--out", str(tmp_path / "out2"), "--strict")
+    assert result.returncode != 0
+    assert "000004" in result.stderr and "img_000004_south.jpg" in result.stderr
+    assert (
+        run_cli("--data-root", str(root), "--out", str(tmp_path / "o3"), "--val-fraction", "1").returncode
+        == 2
+    )
