@@ -60,8 +60,9 @@ class Ensemble(nn.Module):
         outs = [m(pre(images), view_mask) for m, pre in zip(self.members, self.preprocessors)]
         if len(outs) == 1:  # exactly the member's logits: no log/exp round trip
             return EnsembleOutput(outs[0].logits / self.temperatures[0], outs[0].gps)
-        probs = sum(w * torch.softmax(o.logits.float() / t, dim=-1) for w, t, o in self._zip(outs))  # (B, C)
-        gps = sum(w * o.gps.float() for w, _, o in self._zip(outs))  # (B, 2)
+        # float64 sums: a model averaged with itself rounds back to exactly its own float32 outputs
+        probs = sum(w * torch.softmax(o.logits.double() / t, dim=-1) for w, t, o in self._zip(outs))  # (B, C)
+        gps = sum(w * o.gps.double() for w, _, o in self._zip(outs)).float()  # (B, 2)
         return EnsembleOutput(torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny)), gps)
 
     def _zip(self, outs):

@@ -31,12 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def make_accelerator():
-    """An Accelerator for inference; gloo when there is no GPU (CPU processes for tests and CI)."""
+    """An Accelerator for inference; without a GPU, CPU processes (accelerate then picks gloo)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
-    kwargs = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=kwargs)
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def load_members(paths: list[Path], device) -> list[LoadedModel]:
