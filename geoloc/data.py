@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
@@ -123,16 +124,21 @@ class LoadStats:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """JPEG/PNG bytes (any mode: RGB, L, CMYK, ...) -> uint8 ``(3, size, size)``, resized if needed."""
+def _decode_rgb(data: bytes, size: int) -> np.ndarray:
+    """Image bytes -> read-only uint8 ``(size, size, 3)`` RGB array (the channels-last layout PIL gives)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+            img = img if img.mode == "RGB" else img.convert("RGB")  # L, CMYK, P, RGBA, ...
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's bad-bytes errors
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {err}") from None
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def decode_image(data: bytes, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """JPEG/PNG bytes (any mode: RGB, L, CMYK, ...) -> uint8 ``(3, size, size)``, resized if needed."""
+    return torch.from_numpy(_decode_rgb(data, size).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 def _label(meta: dict, encoder: LabelEncoder | None, name: str) -> int:
@@ -153,14 +159,14 @@ def _latlon(meta: dict) -> torch.Tensor:
     return torch.tensor([lat, lon], dtype=torch.float32)
 
 
-def _decode_view(data: bytes | None, name: str, view: str, stats: LoadStats | None) -> torch.Tensor | None:
+def _decode_view(data: bytes | None, name: str, view: str, stats: LoadStats | None) -> np.ndarray | None:
     if data is None:
         log.info("%s: view %s missing", name, view)
         if stats is not None:
             stats.add("missing_views")
         return None
     try:
-        return decode_image(data)
+        return _decode_rgb(data, IMAGE_SIZE)
     except ImageDecodeError as err:
         log.warning("%s: view %s masked out: %s", name, view, err)
         if stats is not None:
@@ -172,29 +178,50 @@ def decode_sample(sample: dict, encoder: LabelEncoder | None = None, stats: Load
     """A raw WebDataset sample -> images ``(4, 3, 256, 256)`` uint8, view_mask ``(4,)``, label, ...
 
     A missing or undecodable view becomes zeros with ``view_mask`` False (logged, counted); the sample
-    is always kept. ``label`` is the contiguous class of ``state_idx`` (-1 when null).
+    is always kept. ``label`` is the contiguous class of ``state_idx`` (-1 when null). ``images`` is a
+    channels-last view (decoded pixels are copied once, in PIL's layout; the device makes it planar).
     """
     name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     if "json" not in sample:
         raise ValueError(f"{name}: sample has no .json member")
     meta = json.loads(sample["json"])
-    views = [_decode_view(sample.get(f"{v}.jpg"), name, v, stats) for v in VIEWS]
-    blank = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    pixels = np.zeros((len(VIEWS), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (4, H, W, 3)
+    mask = [False] * len(VIEWS)
+    for k, view in enumerate(VIEWS):
+        rgb = _decode_view(sample.get(f"{view}.jpg"), name, view, stats)
+        if rgb is not None:
+            pixels[k], mask[k] = rgb, True
     if stats is not None:
         stats.add("samples")
     return {
-        "images": torch.stack([blank if v is None else v for v in views]),  # (4, 3, 256, 256)
-        "view_mask": torch.tensor([v is not None for v in views]),  # (4,)
+        "images": torch.from_numpy(pixels).permute(0, 3, 1, 2),  # (4, 3, 256, 256), channels-last strides
+        "view_mask": torch.tensor(mask),  # (4,)
         "label": _label(meta, encoder, name),
         "latlon": _latlon(meta),  # (2,) NaN when unlabelled
         "sample_id": str(meta.get("sample_id", sample.get("__key__"))),
     }
 
 
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Empty tensor; in a DataLoader worker it lives in shared memory, as torch's default_collate does.
+
+    Sending a batch to the main process otherwise copies it into fresh shared memory: measured 3x
+    slower per batch than decoding it on a 2-core VM (BENCHMARKS.md).
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def collate(samples: list[dict]) -> dict:
     """Per-sample dicts from :func:`decode_sample` -> a batch dict (ARCHITECTURE.md)."""
+    # stacked channels-last: one plain copy per sample; a (B, 4, 3, H, W) view of (B, 4, H, W, 3) memory
+    hwc = [s["images"].permute(0, 2, 3, 1) for s in samples]  # (4, H, W, 3) each
+    images = torch.stack(hwc, out=_batch_buffer((len(hwc), *hwc[0].shape), torch.uint8))
+    images = images.permute(0, 1, 4, 2, 3)
     return {
-        "images": torch.stack([s["images"] for s in samples]),  # (B, 4, 3, 256, 256)
+        "images": images,  # (B, 4, 3, 256, 256) uint8
         "view_mask": torch.stack([s["view_mask"] for s in samples]),  # (B, 4)
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),  # (B,)
         "latlon": torch.stack([s["latlon"] for s in samples]),  # (B, 2)

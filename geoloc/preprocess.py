@@ -117,10 +117,11 @@ class Preprocessor(nn.Module):
         if images.dtype != torch.uint8 or images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"expected uint8 (B, V, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         b, v = images.shape[:2]
-        x = images.flatten(0, 1).float()  # (B*V, 3, H, W), 0..255
+        x = images.flatten(0, 1).float()  # (B*V, 3, H, W), 0..255, any strides
         augment = self.training and self.augment
         x = self.random_resized_crop(x) if augment and self.min_scale < 1 else self.resize(x)
         if augment and self.jitter > 0:
             x = self.color_jitter(x)
         x = x * self.scale + self.shift  # (B*V, 3, S, S) normalised
-        return x.to(self.dtype).view(b, v, 3, self.image_size, self.image_size)
+        # loader batches are channels-last views; hand the model plain contiguous (B, V, 3, S, S)
+        return x.to(self.dtype).contiguous().view(b, v, 3, self.image_size, self.image_size)

@@ -200,6 +200,24 @@ def test_collate_matches_the_batch_contract():
     assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == [0, 1, 2]
     assert batch["latlon"].shape == (3, 2) and batch["latlon"].dtype == torch.float32
     assert batch["sample_id"] == ["img_000000", "img_000001", "img_000002"]
+    planar = [D.decode_image(make_sample(i)[f"{v}.jpg"]) for i in range(3) for v in VIEWS]
+    assert torch.equal(batch["images"].flatten(0, 1), torch.stack(planar))  # same pixels as decode_image
+
+
+def test_collate_accepts_contiguous_images():
+    """A raw-folder Dataset may build planar (4, 3, H, W) images itself."""
+    samples = [D.decode_sample(make_sample(i), ENCODER) for i in range(2)]
+    planar = [dict(s, images=s["images"].contiguous()) for s in samples]
+    assert torch.equal(D.collate(planar)["images"], D.collate(samples)["images"])
+
+
+def _collated_in_shared_memory(_):
+    yield D.collate([D.decode_sample(make_sample(0), ENCODER)])["images"].is_shared()
+
+
+def test_collate_allocates_in_shared_memory_only_in_workers():
+    assert not D.collate([D.decode_sample(make_sample(0), ENCODER)])["images"].is_shared()
+    assert run_stages([partial(D.shard_list, ["x"]), _collated_in_shared_memory], num_workers=1) == [True]
 
 
 # ----------------------------------------------------------------------------- stages

@@ -44,6 +44,16 @@ def test_resize_equals_interpolate():
     assert torch.allclose(out.flatten(0, 1), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [24, 64])
+def test_channels_last_input_gives_the_same_contiguous_output(size):
+    """Loader batches are (B, V, 3, H, W) views of (B, V, H, W, 3) memory."""
+    images = ramp(size=64)
+    channels_last = images.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    pre = Preprocessor(size, MEAN, STD)
+    out = pre(channels_last)
+    assert out.is_contiguous() and torch.allclose(out, pre(images), atol=1e-5)
+
+
 def test_same_size_is_not_resampled():
     images = ramp(size=20)
     out = Preprocessor(20, (0, 0, 0), (1, 1, 1))(images)
