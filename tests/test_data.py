@@ -15,6 +15,7 @@ from functools import partial
 from itertools import chain
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import webdataset as wds
@@ -425,3 +426,27 @@ def test_two_gloo_ranks_odd_uneven_shards(tmp_path):
         assert not read[0] & read[1], epoch
     assert ranks[0]["shard_order"][0] != ranks[0]["shard_order"][1]  # reshuffled per epoch
     assert ranks[0]["train_ids"][0] != ranks[0]["train_ids"][1]
+
+
+def test_generated_odd_views_end_to_end(tmp_path):
+    """Grayscale, CMYK and PNG-in-.jpg views decode; an unreadable test view is masked, the sample kept."""
+    from geoloc.sharding import shard_dataset
+    from geoloc.synth import corrupt_view, generate_dataset
+
+    root = generate_dataset(tmp_path / "data", n_train=6, n_test=4, seed=1)
+    test_ids = list(pd.read_csv(root / "sample_submission.csv", dtype={"sample_id": str})["sample_id"])
+    for sid, view, kind in zip(test_ids, VIEWS, ("grayscale", "cmyk", "png", "garbage")):
+        corrupt_view(root, sid, view, kind)
+    shard_dataset(root, tmp_path / "shards", val_fraction=0.2, seed=0, samples_per_shard=3, workers=1)
+    loader = D.make_eval_loader(D.resolve_shards(str(tmp_path / "shards"), "test"), batch_size=8)
+    batch = D.collate([s for b in loader for s in unbatch(b)])
+    masks = dict(zip(batch["sample_id"], batch["view_mask"].tolist()))
+    assert sorted(masks) == sorted(test_ids)
+    assert masks[test_ids[3]] == [True, True, True, False]  # its west view was garbage
+    assert all(all(masks[sid]) for sid in test_ids[:3])
+    assert (batch["label"] == -1).all() and torch.isnan(batch["latlon"]).all()
+
+
+def unbatch(batch: dict) -> list[dict]:
+    keys = ("images", "view_mask", "label", "latlon", "sample_id")
+    return [{k: batch[k][i] for k in keys} for i in range(len(batch["sample_id"]))]
