@@ -119,9 +119,11 @@ def duplicate_lines(ids: list[str]) -> dict[str, list[int]]:
     return {k: v for k, v in lines.items() if len(v) > 1}
 
 
-def fail_or_skip(strict: bool, where: str, entry: dict) -> dict:
+def fail_or_skip(strict: bool, entry: dict, where: str = "") -> dict:
+    """The skip entry, or (``--strict``) an error naming the sample, the file and the problem."""
     if strict:
-        raise contract.DataContractError(f"{where}: sample {entry['sample_id']!r}: {entry['reason']}")
+        where = f"{where}: " if where else ""
+        raise contract.DataContractError(f"{where}sample {entry['sample_id']!r}: {entry['reason']}")
     return entry
 
 
@@ -138,7 +140,7 @@ def read_train_samples(root: Path, states: dict[int, str], strict: bool) -> tupl
             problem = f"{DUPLICATE_ID}: sample_id {sid!r} (key {key!r}) on CSV lines {dups[key]}"
         if problem:
             entry = skip_entry(sid, "train", problem)
-            skipped.append(fail_or_skip(strict, f"{root / contract.TRAIN_CSV}, line {line}", entry))
+            skipped.append(fail_or_skip(strict, entry, f"{root / contract.TRAIN_CSV}, line {line}"))
             continue
         paths = tuple(resolve_image(root, contract.TRAIN_IMAGES, row[c]) for c in contract.IMAGE_COLUMNS)
         samples.append(Sample(sid, "train", paths, *labels))
@@ -157,7 +159,7 @@ def read_test_samples(root: Path, strict: bool) -> tuple[list[Sample], list[dict
             reason = (
                 f"{DUPLICATE_ID}: sample_id {sid!r} (key {key!r}) on CSV lines {dups[key]}; first row kept"
             )
-            skipped.append(fail_or_skip(strict, f"{path}, line {line}", skip_entry(sid, "test", reason)))
+            skipped.append(fail_or_skip(strict, skip_entry(sid, "test", reason), f"{path}, line {line}"))
             continue
         seen.add(key)
         paths = tuple(resolve_image(root, contract.TEST_IMAGES, row[c]) for c in contract.IMAGE_COLUMNS)
@@ -252,7 +254,7 @@ def sample_members(sample: Sample, strict: bool) -> tuple[list[tuple[str, bytes]
             members.append((f"{key}.{view}.jpg", data))
         elif sample.split != "test":
             entry = skip_entry(sample.sample_id, sample.split, problem)
-            return [], fail_or_skip(strict, path or f"{view} view", entry), []
+            return [], fail_or_skip(strict, entry), []  # the reason names the view and its file
         else:
             missing.append({"sample_id": sample.sample_id, "split": "test", "view": view, "reason": problem})
     members.append((f"{key}.json", sample_json(sample, [m["view"] for m in missing])))
@@ -269,12 +271,18 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_atomic(path: Path, write) -> None:
-    """``write(file)`` into ``path.tmp``, flush to disk, then rename: ``path`` is never half-written."""
+    """``write(file)`` into ``path.tmp``, flush to disk, then rename: ``path`` is never half-written.
+
+    A failed write removes its temporary; one left by a killed process is removed by the next run."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

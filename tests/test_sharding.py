@@ -5,14 +5,16 @@ import json
 import subprocess
 import sys
 import tarfile
+from itertools import pairwise
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
-from geoloc import contract
+from geoloc import contract, sharding
 from geoloc.labels import LabelEncoder
-from geoloc.sharding import SHARD_RE, shard_dataset, split_counts, write_atomic
+from geoloc.sharding import SHARD_RE, read_view, shard_dataset, split_counts, write_atomic
 from geoloc.synth import corrupt_view, generate_dataset, view_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,9 +154,11 @@ def test_split_and_order_are_seeded_and_shuffled(tmp_path):
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
     assert a["splits"]["val"]["count"] == c["splits"]["val"]["count"]
     assert set(read_split(tmp_path / "a", "val")[0]) != set(read_split(tmp_path / "c", "val")[0])
-    order = read_split(tmp_path / "a", "train")[1]
+    samples, order = read_split(tmp_path / "a", "train")
     assert order != sorted(order)  # written shuffled, not in id/CSV order
-    assert order != read_split(tmp_path / "c", "train")[1]
+    states = [json.loads(samples[sid]["json"])["state_idx"] for sid in order]
+    changes = sum(a != b for a, b in pairwise(states))
+    assert changes > 2 * len(set(states))  # states interleaved, not written state by state
 
 
 def test_split_ignores_csv_row_order(tmp_path):
@@ -217,6 +221,15 @@ def test_bad_training_samples_are_skipped_listed_and_printed(tmp_path, capsys):
     assert "000004 (train): bad_coordinate: latitude" in out and "5 more, all listed in" in out
 
 
+def test_image_cells_may_hold_a_path_below_the_data_root(tmp_path):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    edit_train_csv(
+        root, lambda df: df.__setitem__("image_north", contract.TRAIN_IMAGES + "/" + df["image_north"])
+    )
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert manifest["skipped"] == [] and manifest["splits"]["train"]["count"] == 6
+
+
 def test_unknown_state_is_checked_against_the_mapping(tmp_path):
     root = small_root(tmp_path / "data")
     present = int(contract.read_train_table(root)["state_idx"].iloc[0])
@@ -249,6 +262,14 @@ def test_strict_stops_at_the_first_bad_sample(tmp_path, breakage, sample, where)
         shard_dataset(root, tmp_path / "out", strict=True, samples_per_shard=8, progress=False)
     assert f"sample '{sample}'" in str(err.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_truncated_jpeg_is_caught_by_decoding_not_by_opening(tmp_path):
+    root = generate_dataset(tmp_path, n_train=1, n_test=0, seed=0)  # 256 px: the header survives the cut
+    path = corrupt_view(root, "000000", "south", "truncated")
+    Image.open(path)  # opening reads only the header and succeeds
+    data, problem = read_view(str(path), "south")
+    assert data is None and problem.startswith("bad_image: south view:") and str(path) in problem
 
 
 @pytest.mark.parametrize("kind", ["grayscale", "cmyk", "png"])
@@ -323,8 +344,6 @@ def test_interrupted_run_leaves_no_finished_looking_shard_and_rerun_repairs(tmp_
     shard_dataset(root, out, seed=9, samples_per_shard=2, progress=False)  # a different earlier run
     (out / "notes.txt").write_text("not ours")
 
-    from geoloc import sharding
-
     calls = {"n": 0}
     real_add = sharding.add_member
 
@@ -339,10 +358,11 @@ def test_interrupted_run_leaves_no_finished_looking_shard_and_rerun_repairs(tmp_
         shard_dataset(root, out, **kwargs)
     monkeypatch.undo()
     assert not (out / "manifest.json").exists()  # the old manifest no longer vouches for the directory
-    assert (out / "train-000000.tar.tmp").exists()
+    assert not (out / "train-000000.tar.tmp").exists()  # a failed write cleans up after itself
     # the half-written shard is only a temporary; what .tar files remain belong to the earlier run
     with tarfile.open(out / "train-000000.tar") as tar:
         assert len(tar.getnames()) == 2 * 5
+    (out / "val-000001.tar.tmp").write_bytes(b"left by a killed worker")
     shard_dataset(root, out, **kwargs)
     assert shard_bytes(out) == {**shard_bytes(tmp_path / "clean"), "notes.txt": b"not ours"}
 
@@ -356,7 +376,7 @@ def test_write_atomic_never_leaves_a_partial_file(tmp_path):
 
     with pytest.raises(RuntimeError):
         write_atomic(target, fail)
-    assert not target.exists() and (tmp_path / "x.tar.tmp").read_bytes() == b"partial"
+    assert not target.exists() and not (tmp_path / "x.tar.tmp").exists()
     write_atomic(target, lambda f: f.write(b"done"))
     assert target.read_bytes() == b"done" and not (tmp_path / "x.tar.tmp").exists()
 
