@@ -1,6 +1,6 @@
 """Shard a competition data root into WebDataset tars + manifest.json (see geoloc/sharding.py).
 
-    python shard_dataset.py --data-root ROOT --out DIR [--val-fraction 0.1] [--seed 0] \
+    python shard_dataset.py --data-root ROOT --out DIR [--val-fraction 0.1] [--seed 0] \\
         [--samples-per-shard 1000] [--workers N] [--strict]
 """
 
