@@ -149,6 +149,13 @@ def forward_probs(model, pixels_fn, images, view_mask, tta_scales) -> tuple[torc
     return probs, gps
 
 
+def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad dim 0 to ``size`` rows; padded samples have an all-False view mask (outputs dropped)."""
+    if x.shape[0] >= size:
+        return x
+    return torch.cat([x, x.new_zeros((size - x.shape[0], *x.shape[1:]))])
+
+
 def _batch_rows(batch: dict, probs: torch.Tensor, gps: torch.Tensor) -> Predictions:
     """A batch's outputs and targets as numpy rows."""
     return Predictions(
@@ -178,12 +185,16 @@ def predict(
     dtype: torch.dtype | None = None,
     tta_scales: tuple[float, ...] | None = None,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> Predictions:
     """Predict every sample of ``loader`` (this rank's share) and gather all ranks' rows.
 
     ``model(pixels, view_mask)`` returns ``.logits (B, C)`` and ``.gps (B, 2)``; ``preprocessor`` maps
     uint8 ``(B, V, 3, H, W)`` to normalised float pixels on the device. ``dtype`` defaults to bf16 on
     GPU and fp32 on CPU. ``tta_scales`` are centre-crop fractions averaged over (default: ``(1.0,)``).
+    A short batch is zero-padded to ``batch_size`` rows (default: the largest batch seen so far): with
+    one shape for every forward, a sample's outputs do not depend on which batch it fell in, so 1 and
+    N processes give bit-identical predictions.
     The model's train/eval mode is restored afterwards (the trainer calls this mid-training).
     Returns the gathered predictions, sorted by sample id, on every rank.
     """
@@ -192,7 +203,7 @@ def predict(
     scales = tuple(tta_scales or (1.0,))
     was_training = model.training
     model.eval()
-    rows = []
+    rows, pad_to = [], batch_size or 0
     bar = tqdm(
         total=_loader_len(loader),
         desc="predict",
@@ -204,9 +215,12 @@ def predict(
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W) uint8
             view_mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V) bool
-            probs, gps = forward_probs(model, preprocessor, images, view_mask, scales)
-            rows.append(_batch_rows(batch, probs, gps))
-            n_seen += len(batch["sample_id"])
+            n = images.shape[0]
+            pad_to = max(pad_to, n)
+            padded = pad_rows(images, pad_to), pad_rows(view_mask, pad_to)
+            probs, gps = forward_probs(model, preprocessor, *padded, scales)
+            rows.append(_batch_rows(batch, probs[:n], gps[:n]))
+            n_seen += n
             bar.update(1)
             rate = n_seen * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix({"samples/s": f"{rate:.1f}"})  # all ranks, assuming they keep pace

@@ -219,3 +219,23 @@ def test_evaluate_predicts_blind_rows_from_the_prior():
     gps[2] = (39.0, -98.0)
     want = competition_metrics(top5, ENCODER.decode(preds.label), gps, preds.latlon)
     assert evaluate(preds, ENCODER, prior=prior) == pytest.approx(want)
+
+
+def test_short_batches_are_padded_so_every_forward_has_one_shape(accelerator):
+    class ShapeRecorder(FakeModel):
+        def forward(self, pixels, view_mask):
+            self.shapes.append(tuple(pixels.shape[:2]))
+            return super().forward(pixels, view_mask)
+
+    model = ShapeRecorder()
+    model.shapes = []
+    ids = [f"s{i}" for i in range(7)]
+    batches = make_batches(ids, 3)  # 3, 3, 1
+    padded = predict(model, batches, to_pixels, accelerator, progress=False, batch_size=4)
+    assert model.shapes == [(4, 4)] * 3
+    model.shapes = []
+    predict(model, batches, to_pixels, accelerator, progress=False)  # default: the largest batch so far
+    assert model.shapes == [(3, 4)] * 3
+    plain = predict(FakeModel(), batches, to_pixels, accelerator, progress=False)
+    assert list(padded.sample_id) == ids
+    np.testing.assert_allclose(padded.probs, plain.probs, atol=1e-6)

@@ -104,7 +104,9 @@ def calibrate(args, members, accelerator) -> list[float]:
     for path, member in zip(args.model, members):
         single = build_ensemble([member], accelerator)
         loader = shard_loader(args, "val", accelerator, member.encoder)
-        val = predict(single, loader, identity, accelerator, progress=not args.no_progress)
+        val = predict(
+            single, loader, identity, accelerator, progress=not args.no_progress, batch_size=args.batch_size
+        )
         lab = val.take(val.labelled & val.has_views)
         temps.append(fit_temperature(lab.probs, lab.label))
         if accelerator.is_main_process:
