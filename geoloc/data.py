@@ -14,7 +14,8 @@ Guarantees (see ARCHITECTURE.md for the batch dict):
   order depends on (seed, epoch) only, so all ranks agree on it before the rank split; the sample
   buffer is seeded by (seed, epoch, rank, worker), so a run with the same (seed, epoch, rank,
   world_size, num_workers) yields the same batches: a resumed run can skip batches and follow the
-  uninterrupted one.
+  uninterrupted one. An epoch is thus a sample count, not an exact pass: with uneven shards a rank
+  may see a few samples twice and miss others in one epoch (the next epoch reshuffles the shards).
 - Evaluation: shards are split by rank, then by worker; every sample comes out exactly once across all
   ranks, a rank without a shard yields nothing.
 - Bad data never stops a run silently: unreadable tar data and missing/undecodable views are logged and
