@@ -13,6 +13,7 @@ first ``prepare`` replaces the JSON's ``"auto"`` values in place.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -120,6 +121,31 @@ def make_optimizer(ctx: RunContext, model, num_batches: int, epochs: int):
     return optimizer, make_scheduler(optimizer, total, round(t.warmup_ratio * total))
 
 
+@contextmanager
+def whole_weights(ctx: RunContext):
+    """Load checkpoints unpartitioned under ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers even when ``zero3_init_flag`` is false,
+    and transformers then partitions every ``from_pretrained`` (``zero.Init``): the embedding cache could
+    not run the backbone and phase 2's model would mix partitioned and plain parameters. The trainer
+    loads weights whole (a ViT-L/14 fits any GPU) and lets each engine partition what it trains.
+    """
+    if ctx.zero_stage != 3:
+        yield
+        return
+    plugin = ctx.accelerator.state.deepspeed_plugin
+    if plugin.zero3_init_flag:
+        raise TrainingError("zero3_init_flag: true is not supported: set it to false in the accelerate config")
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if plugin.dschf is not None:
+            set_hf_deepspeed_config(plugin.dschf)
+
+
 def build_geo_model(ctx: RunContext, weights: dict | None):
     """Pretrained backbone + fresh heads (seeded), then ``weights`` over them when given."""
     from accelerate.utils import set_seed
@@ -127,7 +153,8 @@ def build_geo_model(ctx: RunContext, weights: dict | None):
     from geoloc.model import build_model
 
     set_seed(ctx.cfg.train.seed)
-    model = build_model(ctx.cfg.model, ctx.labels.encoder.num_classes)
+    with whole_weights(ctx):
+        model = build_model(ctx.cfg.model, ctx.labels.encoder.num_classes)
     if weights is not None:
         model.load_state_dict(weights)
     return model
@@ -307,7 +334,9 @@ def export_best(ctx: RunContext, geo_model: nn.Module, prepared, phase: Phase, m
             vision_config=vision_config_dict(geo_model), embed_dim=geo_model.embed_dim,
             num_classes=geo_model.num_classes, encoder=ctx.labels.encoder, preprocess=ctx.preprocess,
             centroids=ctx.labels.centroids.numpy(), prior=ctx.labels.prior,
-            extra={"val": metrics, "phase": phase.name, "epoch": state.epoch, "global_step": state.global_step},
+            extra={"val": metrics, "phase": phase.name, "epoch": state.epoch, "global_step": state.global_step,
+                   "num_processes": ctx.accelerator.num_processes,
+                   "distributed_type": str(ctx.accelerator.distributed_type)},
         )  # fmt: skip
     ctx.accelerator.wait_for_everyone()
 
