@@ -173,7 +173,16 @@ acc.wait_for_everyone()
 def test_two_processes(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(textwrap.dedent(_TWO_RANKS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "checkpoints" / "b").iterdir())

@@ -66,6 +66,12 @@ def test_deepspeed_json(stage):
         assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+@pytest.fixture(autouse=True)
+def _port_29500_free(monkeypatch):
+    """Port 29500 may be taken on a shared test machine; a real launch happens on the training machines."""
+    monkeypatch.setattr("accelerate.utils.launch.is_port_in_use", lambda port: False)
+
+
 def _launch(config: str, *flags: str):
     """``(args, env)``: torchrun arguments and process environment of ``accelerate launch`` for ``config``."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -91,8 +97,6 @@ def _launch(config: str, *flags: str):
 @pytest.mark.parametrize("name", ["1gpu.yaml", "4xa100.yaml", "2x4xa100.yaml", "cpu.yaml"])
 def test_launcher_accepts_non_deepspeed_configs(name, monkeypatch):
     monkeypatch.chdir(REPO)
-    # port 29500 may be taken on a shared test machine; a real launch would be on the training machines
-    monkeypatch.setattr("accelerate.utils.launch.is_port_in_use", lambda port: False)
     args, env = _launch(f"accelerate_configs/{name}")
     dist, _, machines, precision, _ = EXPECTED[name]
     assert env["ACCELERATE_MIXED_PRECISION"] == precision
