@@ -1,0 +1,45 @@
+"""``infer.py --eval`` on a model from ``train.py`` reports the val numbers the trainer logged for it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from _infer_helpers import ENV, ROOT
+
+from geoloc.infer.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_clip_dir, tiny_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--shards", str(tiny_shards), "--output-dir", str(run),
+           "--preset", "smoke", f"model.backbone={tiny_clip_dir}"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, check=False, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return run
+
+
+def best_val(run) -> dict:
+    """The val metrics of the exported (best) epoch, from RUN/metrics.jsonl, without the ``val/`` prefix."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in lines if "val/score" in r]
+    best = max(vals, key=lambda r: r["val/score"])
+    return {
+        k.removeprefix("val/"): v for k, v in best.items() if k.startswith("val/") and k != "val/best_score"
+    }
+
+
+def test_eval_report_matches_the_trainers_val_metrics(capsys, trained_run, tiny_shards, tmp_path):
+    code = main(["--eval", "--model", str(trained_run / "model"), "--shards", str(tiny_shards),
+                 "--out-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "report.json").read_text())
+    want = best_val(trained_run)
+    assert {"score", "cls_score", "gps_score", "top1_acc", "mean_km", "n"} <= set(want)
+    for key, value in want.items():
+        # same predict() + evaluate(); only the batch composition differs (float32 rounding)
+        assert report[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
