@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -265,8 +267,17 @@ def bench_frozen(model, args, device, autocast) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo on Linux, else what platform knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    cpu = f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     return f"{gpu}; {cpu}; torch {torch.__version__}; python {platform.python_version()}"
 
