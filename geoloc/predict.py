@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from geoloc.infer.tta import crop_views
+
 PROB_ATOL = 1e-3  # two copies of one sample may differ by batch-dependent rounding (bf16), not more
 
 
@@ -134,8 +136,6 @@ def forward_probs(model, pixels_fn, images, view_mask, tta_scales) -> tuple[torc
     float32. Rows without any view get an all-True mask so the model never averages zero views; their
     outputs are overwritten with NaN by the caller.
     """
-    from geoloc.infer.tta import crop_views
-
     has_view = view_mask.any(dim=1)  # (B,)
     safe_mask = view_mask | ~has_view[:, None]  # (B, V)
     probs, gps = 0.0, 0.0
