@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoloc.train.context import RunContext, RunOptions, TrainingError, prepare_context
+from geoloc.train.context import PHASE_NAMES, RunContext, RunOptions, TrainingError, prepare_context
 from geoloc.train.loop import Phase, TrainState, run_phase, updates_per_epoch
 
 PAD_ID = "__lockstep_padding__"  # a filler row for ZeRO-3 validation: unlabelled, so never scored
@@ -396,9 +396,13 @@ def train_phase(
     ctx: RunContext, state: TrainState, resume_from: Path | None, weights: dict | None
 ) -> tuple[dict, TrainState]:
     """Build, (resume,) train and tear down one phase; returns the final full weights on every rank."""
+    from accelerate.utils import set_seed
+
     geo_model = build_geo_model(ctx, weights)
     build = frozen_phase if state.phase == "frozen" else finetune_phase
     phase = build(ctx, geo_model)
+    # the same RNG stream whether or not the embedding cache had to be computed (its DataLoader draws)
+    set_seed(ctx.cfg.train.seed + PHASE_NAMES.index(state.phase) + 1)
     ctx.extra["phase_objects"].scheduler, ctx.extra["phase_objects"].ema = phase.scheduler, phase.ema
     if resume_from is not None:
         state = TrainState.from_dict(ctx.checkpoints.load(resume_from))
