@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,4 +188,62 @@ def test_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "checkpoints" / "b").iterdir())
     assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
+    assert not (tmp_path / "checkpoints" / "a").exists()
+
+
+_DEEPSPEED = """
+import sys, torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from geoloc.train.checkpoint import CheckpointManager
+run_dir, ds_json = sys.argv[1], sys.argv[2]
+plugin = DeepSpeedPlugin(hf_ds_config=ds_json)  # the shipped JSON; the batch size comes from the trainer
+plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 4
+acc = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+assert acc.num_processes == 2
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+model, opt = acc.prepare(net, torch.optim.AdamW(net.parameters(), lr=1e-2))
+
+def train(steps):
+    for _ in range(steps):
+        acc.backward(model(torch.randn(4, 6)).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+
+def weights():  # a collective under ZeRO-3; the gathered dict exists on the main rank only
+    return {k: v.clone() for k, v in (acc.get_state_dict(model) or {}).items()}
+
+ckpts = CheckpointManager(run_dir, acc, keep=1)
+train(2)
+ckpts.save("a", {"step": 2})
+train(1)
+ckpts.save("b", {"step": 3})  # every rank writes its ZeRO shards; "a" is pruned
+saved = weights()
+train(3)
+uninterrupted = weights()
+train(2)
+assert ckpts.load("latest") == {"step": 3}
+assert all(torch.equal(saved[k], v) for k, v in weights().items())
+train(3)
+assert all(torch.allclose(uninterrupted[k], v) for k, v in weights().items())
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes(tmp_path, stage):
+    """Under DeepSpeed save_checkpoint is a collective: all ranks save, resume matches the uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "ds_ranks.py"
+    script.write_text(_DEEPSPEED)
+    ds_json = Path(__file__).resolve().parents[1] / "ds_configs" / f"zero{stage}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*cmd, str(script), str(tmp_path), str(ds_json)], env=env, check=False, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = {p.name for p in (tmp_path / "checkpoints" / "b").iterdir()}
+    assert {"pytorch_model", "latest", STATE_FILE, "random_states_0.pkl", "random_states_1.pkl"} <= names
     assert not (tmp_path / "checkpoints" / "a").exists()
