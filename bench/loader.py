@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (b) and (c)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch for (b), (c), (d)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the train split for (b) and (c)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds of all measurements; the best of each is kept"
+    )
     p.add_argument("--work-dir", default="", help="where the data and shards go (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -69,16 +71,23 @@ def view_paths(root: Path) -> list[list[Path]]:
     return [[images / name for name in row] for row in table[list(contract.IMAGE_COLUMNS)].to_numpy()]
 
 
-def rate(fn, repeats: int) -> float:
-    """Best samples/s of ``repeats`` calls of ``fn()``, which returns how many samples it processed.
+def rate(fn) -> float:
+    """Samples per second of ``fn()``, which returns how many samples it processed."""
+    start = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - start)
 
-    The best run is the one least disturbed by other processes on a shared machine.
+
+def best_rates(measures: dict, repeats: int) -> dict[str, float]:
+    """Best samples/s of each measure over ``repeats`` rounds, the measures interleaved within a round.
+
+    Interleaving exposes every measure to the same background load; the best round is the one least
+    disturbed by other processes on a shared machine.
     """
-    best = 0.0
+    best = dict.fromkeys(measures, 0.0)
     for _ in range(repeats):
-        start = time.perf_counter()
-        n = fn()
-        best = max(best, n / (time.perf_counter() - start))
+        for key, fn in measures.items():
+            best[key] = max(best[key], rate(fn))
     return best
 
 
@@ -142,14 +151,17 @@ def main(argv=None) -> None:
         root, shards = prepare(work, args.n_train)
         paths = view_paths(root)
         blobs = [[p.read_bytes() for p in views] for views in paths]  # read before timing (a)
-        results = {
-            "a": rate(lambda: decode_pass(blobs), args.repeats),
-            "b": rate(lambda: loader_pass(shards, args), args.repeats),
-            "c": rate(lambda: seed_pass(paths, args), args.repeats),
-            "d": rate(lambda: preprocessor_pass(args), args.repeats),
+        view_bytes = sum(len(b) for views in blobs for b in views) / (4 * len(blobs))
+        measures = {
+            "a": lambda: decode_pass(blobs),
+            "b": lambda: loader_pass(shards, args),
+            "c": lambda: seed_pass(paths, args),
+            "d": lambda: preprocessor_pass(args),
         }
+        results = best_rates(measures, args.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), {args.workers} workers")  # fmt: skip
+    print(f"data: {len(paths)} generated samples, mean JPEG view {view_bytes / 1024:.1f} KiB")
     labels = {
         "a": "JPEG decode of 4 views, 1 process (ceiling)",
         "b": f"geoloc.data train loader, {args.workers} workers, uint8 256 px",
