@@ -97,3 +97,18 @@ def test_resume_after_an_interruption_follows_the_uninterrupted_run(full_run, tm
 
 def _val(run_dir) -> dict:
     return {step: {k: v for k, v in r.items() if k.startswith("val/")} for step, r in val_records(run_dir).items()}
+
+
+def test_finetune_alone_starts_from_init_weights(full_run, tmp_path):
+    """``--phase finetune --init-from RUN/model`` with zero learning rates keeps exactly those weights."""
+    run_dir, args = full_run
+    alone = tmp_path / "alone"
+    args = [str(alone) if a == str(run_dir) else a for a in args]
+    frozen_lr = ["train.head_lr=0", "train.backbone_lr=0", "train.ema_decay=0"]
+    check(run_train(args + ["--phase", "finetune", "--init-from", str(run_dir / "model"), *frozen_lr]))
+    assert {r["phase_index"] for r in read_metrics(alone)} == {2}  # phase 1 never ran
+    start = load_file(run_dir / "model" / "model.safetensors")
+    end = load_file(alone / "model" / "model.safetensors")
+    assert all(torch.equal(start[k], end[k]) for k in start)
+    (score,) = [r["val/score"] for r in val_records(alone).values()]
+    assert score == pytest.approx(export_meta(run_dir)["extra"]["val"]["score"], abs=1e-6)

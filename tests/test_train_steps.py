@@ -49,10 +49,14 @@ def test_every_flag_has_help():
 
 
 def test_bad_override_is_a_usage_error_naming_the_key(tmp_path, capsys):
+    # overrides may come before and after the flags; the bad key (not argparse) is what gets reported
+    argv = ["train.epochs_frozen=1", "--shards", str(tmp_path), "--output-dir", str(tmp_path / "run"),
+            "--phase", "frozen", "train.no_such_key=1"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--shards", str(tmp_path), "--output-dir", str(tmp_path / "run"), "train.no_such_key=1"])
+        cli.main(argv)
     assert exit_info.value.code == 2
-    assert "no_such_key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no_such_key" in err and "unrecognized" not in err
 
 
 # ----------------------------------------------------------------------------- cache pieces
@@ -151,3 +155,62 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(mak
     assert latest is not None and str(latest) in str(err.value)
     state = json.loads((latest / STATE_FILE).read_text())["state"]
     assert (state["phase"], state["global_step"]) == ("frozen", 2)
+
+
+# ----------------------------------------------------------------------------- epoch end, DeepSpeed config
+
+
+def _fake_ctx(patience: int, zero_stage: int = 0, ds_config: dict | None = None):
+    """Just what end_of_epoch / configure_deepspeed touch, recording the calls."""
+    from types import SimpleNamespace as NS
+
+    cfg = load_config(None, [f"train.patience={patience}", "train.grad_accum=2"])
+    calls = {"saved": [], "logged": []}
+    plugin = NS(deepspeed_config=ds_config or {}, zero_stage=zero_stage)
+    ctx = NS(
+        cfg=cfg,
+        accelerator=NS(is_main_process=False, num_processes=4, state=NS(deepspeed_plugin=plugin)),
+        tracker=NS(log=lambda metrics, step: calls["logged"].append(metrics)),
+        checkpoints=NS(save=lambda tag, state: calls["saved"].append(dict(state))),
+        zero_stage=zero_stage,
+    )
+    return ctx, calls
+
+
+def test_epoch_end_exports_only_improvements_and_stops_after_patience():
+    from types import SimpleNamespace as NS
+
+    from geoloc.train.loop import TrainState, end_of_epoch
+
+    ctx, calls = _fake_ctx(patience=2)
+    scores = iter([0.5, 0.4, 0.6, 0.55, 0.58, 0.9])
+    phase = NS(name="finetune", epochs=10, ema=None, model=None, validate=lambda: {"score": next(scores)})
+    exported, state = [], TrainState("finetune")
+    while not state.finished:
+        state.epoch += 1
+        end_of_epoch(ctx, phase, state, lambda p, m, s: exported.append((s.epoch, m["score"])))
+    assert exported == [(1, 0.5), (3, 0.6)]  # best so far only
+    assert state.epoch == 5 and state.best_score == 0.6  # epochs 4 and 5 did not improve: patience 2
+    assert [s["epoch"] for s in calls["saved"]] == [1, 2, 3, 4, 5]  # a checkpoint after every epoch
+    assert calls["saved"][-1]["finished"] and calls["logged"][-1]["val/best_score"] == 0.6
+
+
+def test_deepspeed_config_gets_batch_sizes_buckets_and_zero3_gathering():
+    from geoloc.train.phases import configure_deepspeed
+
+    ds = {"train_micro_batch_size_per_gpu": 256, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    ctx, _ = _fake_ctx(patience=0, zero_stage=3, ds_config=ds)
+    configure_deepspeed(ctx, batch_size=8, hidden_size=32)  # a second engine: earlier values are replaced
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 8 * 2 * 4
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("key", ["scheduler", "optimizer"])
+def test_deepspeed_json_with_its_own_scheduler_or_optimizer_is_refused(key):
+    from geoloc.train.context import TrainingError
+    from geoloc.train.phases import configure_deepspeed
+
+    ctx, _ = _fake_ctx(patience=0, zero_stage=2, ds_config={key: {"type": "X"}, "zero_optimization": {}})
+    with pytest.raises(TrainingError, match=f"defines a '{key}'"):
+        configure_deepspeed(ctx, batch_size=8, hidden_size=32)

@@ -454,9 +454,19 @@ def initial_weights(opts: RunOptions) -> dict | None:
     return load_file(path)
 
 
+def check_supported(ctx: RunContext) -> None:
+    """Refuse combinations that would fail late (after the embedding cache was built)."""
+    if ctx.cfg.train.ema_decay > 0 and ctx.zero_stage == 3:
+        raise TrainingError(
+            "train.ema_decay > 0 averages full parameters, which ZeRO-3 partitions across ranks: "
+            "use ZeRO-2 or DDP, or set train.ema_decay=0"
+        )
+
+
 def run(cfg, opts: RunOptions) -> None:
     """The whole training command: both phases (or the one asked for), resuming when asked."""
     ctx = prepare_context(cfg, opts)
+    check_supported(ctx)
     ctx.extra["phase_objects"] = PhaseObjects()
     ctx.accelerator.register_for_checkpointing(ctx.extra["phase_objects"])
     try:
