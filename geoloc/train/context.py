@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,32 @@ class LabelTables:
     prior: dict  # geoloc.metrics.Prior.to_dict(): most frequent states and mean point
 
 
+class PhaseObjects:
+    """The current phase's scheduler and EMA as ONE checkpointed object.
+
+    Registered once per run, so a checkpoint's layout never depends on which phases ran before it (a
+    resumed phase-2 run registers the same single object as the uninterrupted one).
+    """
+
+    def __init__(self):
+        self.scheduler = None
+        self.ema = None
+
+    def state_dict(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if (self.ema is None) != (state["ema"] is None):
+            raise TrainingError("checkpoint and run disagree on EMA (train.ema_decay): resume with the same config")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
 @dataclass
 class RunContext:
     cfg: Config
@@ -70,7 +96,7 @@ class RunContext:
     preprocessor: torch.nn.Module  # uint8 views -> normalised float pixels, on the device
     tracker: object  # geoloc.train.tracking.MetricsLogger
     checkpoints: object  # geoloc.train.checkpoint.CheckpointManager
-    extra: dict = field(default_factory=dict)
+    phase_objects: PhaseObjects  # registered for checkpointing once per run
 
     @property
     def num_views(self) -> int:
@@ -232,7 +258,9 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
     preprocess, preprocessor = device_preprocessor(cfg, accelerator.device, input_dtype(accelerator))
     tracker = MetricsLogger(run_dir, accelerator, opts.report_to, config=config_to_dict(cfg))
     checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints)
+    phase_objects = PhaseObjects()
+    accelerator.register_for_checkpointing(phase_objects)
     return RunContext(
         cfg, opts, accelerator, run_dir, shards, counts, manifest, labels, preprocess, preprocessor,
-        tracker, checkpoints,
+        tracker, checkpoints, phase_objects,
     )  # fmt: skip

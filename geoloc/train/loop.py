@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -60,7 +60,6 @@ class Phase:
     validate: Callable[[], dict]  # -> competition metrics of the val split (same on every rank)
     full_state: Callable[[], dict]  # -> full GeoModel state dict for export (a collective under ZeRO-3)
     ema: object | None = None  # geoloc.train.ema.EMA, applied for validation and export
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- one step

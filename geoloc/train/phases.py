@@ -52,32 +52,6 @@ class HeadView(nn.Module):
         return self._forward_head(self, view_emb, view_mask)
 
 
-class PhaseObjects:
-    """The current phase's scheduler and EMA as ONE checkpointed object.
-
-    Registered once per run, so a checkpoint's layout never depends on which phases ran before it (a
-    resumed phase-2 run registers the same single object as the uninterrupted one).
-    """
-
-    def __init__(self):
-        self.scheduler = None
-        self.ema = None
-
-    def state_dict(self) -> dict:
-        return {
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if (self.ema is None) != (state["ema"] is None):
-            raise TrainingError("checkpoint and run disagree on EMA (train.ema_decay): resume with the same config")
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-
-
 # ----------------------------------------------------------------------------- preparing
 
 
@@ -403,7 +377,7 @@ def train_phase(
     phase = build(ctx, geo_model)
     # the same RNG stream whether or not the embedding cache had to be computed (its DataLoader draws)
     set_seed(ctx.cfg.train.seed + PHASE_NAMES.index(state.phase) + 1)
-    ctx.extra["phase_objects"].scheduler, ctx.extra["phase_objects"].ema = phase.scheduler, phase.ema
+    ctx.phase_objects.scheduler, ctx.phase_objects.ema = phase.scheduler, phase.ema
     if resume_from is not None:
         state = TrainState.from_dict(ctx.checkpoints.load(resume_from))
     export = partial(_export, ctx, geo_model)
@@ -454,6 +428,10 @@ def initial_weights(opts: RunOptions) -> dict | None:
     return load_file(path)
 
 
+def phase_epochs(cfg, name: str) -> int:
+    return cfg.train.epochs_frozen if name == "frozen" else cfg.train.epochs_finetune
+
+
 def check_supported(ctx: RunContext) -> None:
     """Refuse combinations that would fail late (after the embedding cache was built)."""
     if ctx.cfg.train.ema_decay > 0 and ctx.zero_stage == 3:
@@ -467,14 +445,14 @@ def run(cfg, opts: RunOptions) -> None:
     """The whole training command: both phases (or the one asked for), resuming when asked."""
     ctx = prepare_context(cfg, opts)
     check_supported(ctx)
-    ctx.extra["phase_objects"] = PhaseObjects()
-    ctx.accelerator.register_for_checkpointing(ctx.extra["phase_objects"])
     try:
         state, resume_from = starting_point(ctx)
         weights = initial_weights(opts)
         for name in opts.phases[opts.phases.index(state.phase) :]:
             if state.phase != name:  # moving on to the next phase: keep the run-wide counters
                 state = TrainState(name, global_step=state.global_step, best_score=state.best_score)
+            if phase_epochs(cfg, name) == 0 and resume_from is None:
+                continue  # nothing to train: no model, cache or engine to build
             weights, state = train_phase(ctx, state, resume_from, weights)
             resume_from = None
     finally:
