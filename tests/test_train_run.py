@@ -90,13 +90,17 @@ def test_resume_after_an_interruption_follows_the_uninterrupted_run(full_run, tm
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert _val(resumed) == _val(run_dir)  # the same val metrics after every epoch, resumed or not
-    train = {r["step"]: r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r}  # later line wins
+    train = {
+        r["step"]: r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r
+    }  # later line wins
     want_train = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     assert train == want_train
 
 
 def _val(run_dir) -> dict:
-    return {step: {k: v for k, v in r.items() if k.startswith("val/")} for step, r in val_records(run_dir).items()}
+    return {
+        step: {k: v for k, v in r.items() if k.startswith("val/")} for step, r in val_records(run_dir).items()
+    }
 
 
 def test_finetune_alone_starts_from_init_weights(full_run, tmp_path):

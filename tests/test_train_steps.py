@@ -44,7 +44,15 @@ def test_help_is_fast_and_imports_nothing_heavy():
 def test_every_flag_has_help():
     parser = cli.build_parser()
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in flags} >= {"config", "shards", "output_dir", "preset", "phase", "resume", "report_to"}
+    assert {a.dest for a in flags} >= {
+        "config",
+        "shards",
+        "output_dir",
+        "preset",
+        "phase",
+        "resume",
+        "report_to",
+    }
     assert all(a.help and len(a.help) > 20 for a in flags), [a.dest for a in flags if not a.help]
 
 
@@ -98,8 +106,9 @@ def _head_grads(module) -> dict:
 def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monkeypatch):
     from geoloc.data import make_eval_loader
     from geoloc.train import cache
+    from geoloc.train.engine import build_geo_model
     from geoloc.train.loop import compute_loss
-    from geoloc.train.phases import build_geo_model, cached_forward, frozen_phase, pixel_forward
+    from geoloc.train.phases import cached_forward, frozen_phase, pixel_forward
 
     ctx = make_ctx()
     cached = frozen_phase(ctx, build_geo_model(ctx, None))  # computes and saves the cache
@@ -110,7 +119,10 @@ def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monke
     rows = table.rows(torch.tensor([table.sample_id.index(i) for i in batch["sample_id"]]))
 
     results = []
-    for forward, model, inputs in ((cached_forward, cached.model, rows), (pixel_forward, direct.model, batch)):
+    for forward, model, inputs in (
+        (cached_forward, cached.model, rows),
+        (pixel_forward, direct.model, batch),
+    ):
         model.train()
         torch.manual_seed(0)  # same dropout masks in the heads
         out = forward(ctx, model, inputs) if forward is cached_forward else forward(ctx, True, model, inputs)
@@ -149,7 +161,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(mak
     monkeypatch.setattr(loop, "compute_loss", poisoned)
     ctx = make_ctx("train.save_every_steps=1")
     # phase 1 on the cache: 36 train rows, batch 32 -> 2 steps an epoch, so step 3 is epoch 2, batch 1
-    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 3 \(phase frozen, epoch 2, batch 1\)") as err:
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss .* at step 3 \(phase frozen, epoch 2, batch 1\)"
+    ) as err:
         run(ctx.cfg, ctx.opts)
     latest = CheckpointManager(ctx.run_dir, ctx.accelerator, keep=2).latest()
     assert latest is not None and str(latest) in str(err.value)
@@ -196,9 +210,12 @@ def test_epoch_end_exports_only_improvements_and_stops_after_patience():
 
 
 def test_deepspeed_config_gets_batch_sizes_buckets_and_zero3_gathering():
-    from geoloc.train.phases import configure_deepspeed
+    from geoloc.train.engine import configure_deepspeed
 
-    ds = {"train_micro_batch_size_per_gpu": 256, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    ds = {
+        "train_micro_batch_size_per_gpu": 256,
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
+    }
     ctx, _ = _fake_ctx(patience=0, zero_stage=3, ds_config=ds)
     configure_deepspeed(ctx, batch_size=8, hidden_size=32)  # a second engine: earlier values are replaced
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 8 * 2 * 4
@@ -209,7 +226,7 @@ def test_deepspeed_config_gets_batch_sizes_buckets_and_zero3_gathering():
 @pytest.mark.parametrize("key", ["scheduler", "optimizer"])
 def test_deepspeed_json_with_its_own_scheduler_or_optimizer_is_refused(key):
     from geoloc.train.context import TrainingError
-    from geoloc.train.phases import configure_deepspeed
+    from geoloc.train.engine import configure_deepspeed
 
     ctx, _ = _fake_ctx(patience=0, zero_stage=2, ds_config={key: {"type": "X"}, "zero_optimization": {}})
     with pytest.raises(TrainingError, match=f"defines a '{key}'"):

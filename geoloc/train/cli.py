@@ -30,29 +30,63 @@ def build_parser() -> argparse.ArgumentParser:
         "model.backbone=/path/to/clip train.batch_size=16 loss.soft_labels=state train.cache_embeddings=false. "
         "Precedence: defaults < --config < --preset < key=value.",
     )
-    p.add_argument("--config", metavar="FILE", help="YAML config file (sections data, model, loss, train, infer)")
-    p.add_argument("--shards", required=True, metavar="DIR",
-                   help="shard directory written by shard_dataset.py (holds manifest.json and the "
-                   "train-/val- tar shards); a brace pattern or URL prefix WebDataset understands also works")
-    p.add_argument("--output-dir", required=True, type=Path, metavar="RUN",
-                   help="run directory: config.yaml, metrics.jsonl, curves.png, checkpoints/ and the best "
-                   "model in RUN/model/ (what infer.py loads)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; 'smoke' shrinks everything "
-                   "for a quick CPU check")
-    p.add_argument("--phase", choices=PHASES, default="both",
-                   help="both (default): frozen then finetune; frozen: phase 1 only; finetune: phase 2 only "
-                   "(starting from --init-from if given, else from the pretrained backbone and fresh heads)")
-    p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
-                   help="an exported model directory (RUN/model) whose weights start the run, e.g. phase 2 "
-                   "after a separate phase-1 run")
-    p.add_argument("--resume", metavar="latest|PATH",
-                   help="continue from a checkpoint: 'latest' takes the newest one in RUN/checkpoints "
-                   "(starting fresh if there is none); a path names one checkpoint directory")
-    p.add_argument("--report-to", choices=("none", "wandb"), default="none",
-                   help="extra experiment tracker besides RUN/metrics.jsonl (wandb honours WANDB_MODE=offline)")
-    p.add_argument("--stop-after-steps", type=int, default=0, metavar="K",
-                   help="debugging/tests: end the run abruptly after K optimiser updates in total, as a "
-                   "crash would (no extra checkpoint is written); 0 = off")
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML config file (sections data, model, loss, train, infer)"
+    )
+    p.add_argument(
+        "--shards",
+        required=True,
+        metavar="DIR",
+        help="shard directory written by shard_dataset.py (holds manifest.json and the "
+        "train-/val- tar shards); a brace pattern or URL prefix WebDataset understands also works",
+    )
+    p.add_argument(
+        "--output-dir",
+        required=True,
+        type=Path,
+        metavar="RUN",
+        help="run directory: config.yaml, metrics.jsonl, curves.png, checkpoints/ and the best "
+        "model in RUN/model/ (what infer.py loads)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named overrides; 'smoke' shrinks everything for a quick CPU check",
+    )
+    p.add_argument(
+        "--phase",
+        choices=PHASES,
+        default="both",
+        help="both (default): frozen then finetune; frozen: phase 1 only; finetune: phase 2 only "
+        "(starting from --init-from if given, else from the pretrained backbone and fresh heads)",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="an exported model directory (RUN/model) whose weights start the run, e.g. phase 2 "
+        "after a separate phase-1 run",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="latest|PATH",
+        help="continue from a checkpoint: 'latest' takes the newest one in RUN/checkpoints "
+        "(starting fresh if there is none); a path names one checkpoint directory",
+    )
+    p.add_argument(
+        "--report-to",
+        choices=("none", "wandb"),
+        default="none",
+        help="extra experiment tracker besides RUN/metrics.jsonl (wandb honours WANDB_MODE=offline)",
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="debugging/tests: end the run abruptly after K optimiser updates in total, as a "
+        "crash would (no extra checkpoint is written); 0 = off",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 

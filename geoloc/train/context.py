@@ -77,7 +77,9 @@ class PhaseObjects:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if (self.ema is None) != (state["ema"] is None):
-            raise TrainingError("checkpoint and run disagree on EMA (train.ema_decay): resume with the same config")
+            raise TrainingError(
+                "checkpoint and run disagree on EMA (train.ema_decay): resume with the same config"
+            )
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
@@ -141,7 +143,9 @@ def make_accelerator(cfg: Config, opts: RunOptions):
     return Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with(opts.report_to),
-        project_config=ProjectConfiguration(project_dir=str(opts.output_dir), automatic_checkpoint_naming=False),
+        project_config=ProjectConfiguration(
+            project_dir=str(opts.output_dir), automatic_checkpoint_naming=False
+        ),
         kwargs_handlers=handlers,
     )
 

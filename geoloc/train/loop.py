@@ -124,38 +124,61 @@ def _where(state: TrainState, i: int) -> str:
     return f"step {state.global_step + 1} (phase {state.phase}, epoch {state.epoch + 1}, batch {i + 1})"
 
 
+class LossMeter:
+    """Mean loss terms since the last log line, and samples/s since the last update."""
+
+    NAMES = ("loss", "loss_cls", "loss_gps")
+
+    def __init__(self):
+        self.sums, self.seen, self.speed = torch.zeros(len(self.NAMES)), 0, Throughput()
+
+    def add(self, parts: torch.Tensor, samples: int) -> None:
+        self.sums += parts.cpu()
+        self.seen += 1
+        self.speed.add(samples)
+
+    def read(self) -> dict[str, float]:
+        return {k: float(v) for k, v in zip(self.NAMES, self.sums / self.seen)} | {
+            "samples_per_s": self.speed.rate()
+        }
+
+    def reset_losses(self) -> None:
+        self.sums, self.seen = torch.zeros(len(self.NAMES)), 0
+
+
 def train_epoch(ctx: RunContext, phase: Phase, state: TrainState) -> None:
     """Train the rest of ``state.epoch`` (skipping the ``state.batch`` batches already done)."""
-    acc, cfg = ctx.accelerator, ctx.cfg.train
+    acc, accum = ctx.accelerator, ctx.cfg.train.grad_accum
     phase.model.train()
-    bar = progress_bar(phase.num_batches, acc, f"{phase.name} {state.epoch + 1}/{phase.epochs}")
-    bar.update(state.batch)
-    sums, seen, speed = torch.zeros(3), 0, Throughput()
-    for i, batch in enumerate(phase.batches(state.epoch)):
-        if i < state.batch:
-            continue  # done before the checkpoint we resumed from: the loaders replay deterministically
-        boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == phase.num_batches
-        lrs = group_lrs(phase.scheduler)  # the lrs this update uses (the scheduler moves on in the step)
-        sums += train_step(ctx, phase, batch, boundary, _where(state, i)).cpu()
-        seen += 1
-        speed.add(len(batch["sample_id"]) * acc.num_processes)
-        state.batch = i + 1
-        bar.update(1)
-        if not boundary:
-            continue
-        state.step += 1
-        state.global_step += 1
-        metrics = {k: float(v) for k, v in zip(("loss", "loss_cls", "loss_gps"), sums / seen)}
-        metrics |= lrs | {"samples_per_s": speed.rate()}
-        bar.set_postfix(postfix(metrics["loss"], metrics["lr_head"], metrics["samples_per_s"]))
-        if state.global_step % cfg.log_every == 0:
-            record = {f"train/{k}": v for k, v in metrics.items()} | _position(state, state.epoch + 1)
-            ctx.tracker.log(record, state.global_step)
-            sums, seen = torch.zeros(3), 0
-        after_update(ctx, state)
-    bar.close()
+    meter = LossMeter()
+    with progress_bar(phase.num_batches, acc, f"{phase.name} {state.epoch + 1}/{phase.epochs}") as bar:
+        bar.update(state.batch)
+        for i, batch in enumerate(phase.batches(state.epoch)):
+            if i < state.batch:
+                continue  # done before the checkpoint we resumed from: the loaders replay deterministically
+            boundary = (i + 1) % accum == 0 or i + 1 == phase.num_batches
+            lrs = group_lrs(phase.scheduler)  # the lrs this update uses (the scheduler moves on in the step)
+            parts = train_step(ctx, phase, batch, boundary, _where(state, i))
+            meter.add(parts, len(batch["sample_id"]) * acc.num_processes)
+            state.batch = i + 1
+            bar.update(1)
+            if boundary:
+                finish_update(ctx, state, meter.read() | lrs, bar)
+                if state.global_step % ctx.cfg.train.log_every == 0:
+                    meter.reset_losses()
     state.epoch += 1
     state.batch = 0
+
+
+def finish_update(ctx: RunContext, state: TrainState, metrics: dict, bar) -> None:
+    """Count the update, show and log its metrics, then checkpoint / stop when due."""
+    state.step += 1
+    state.global_step += 1
+    bar.set_postfix(postfix(metrics["loss"], metrics["lr_head"], metrics["samples_per_s"]))
+    if state.global_step % ctx.cfg.train.log_every == 0:
+        record = {f"train/{k}": v for k, v in metrics.items()} | _position(state, state.epoch + 1)
+        ctx.tracker.log(record, state.global_step)
+    after_update(ctx, state)
 
 
 def _position(state: TrainState, epoch: int) -> dict:

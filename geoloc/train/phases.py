@@ -1,6 +1,6 @@
-"""The training command: ``run`` -> ``prepare_context`` -> ``run_frozen_phase`` -> ``run_finetune_phase``.
+"""The training command: ``run`` -> ``prepare_context`` -> ``train_phase("frozen")`` -> ``train_phase("finetune")``.
 
-Phase 1 (frozen): the backbone is frozen and, by default, only fusion + heads (:class:`HeadView`) are
+Phase 1 (frozen): the backbone is frozen and, by default, only fusion + heads (``HeadView``) are
 prepared and trained, on cached per-view embeddings (:mod:`geoloc.train.cache`); with
 ``train.cache_embeddings=false`` the whole model is prepared and the frozen backbone runs every step.
 Phase 2 (finetune): a FRESH model is built from phase 1's weights, the backbone (or its last N blocks)
@@ -13,156 +13,24 @@ first ``prepare`` replaces the JSON's ``"auto"`` values in place.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from geoloc.train.context import PHASE_NAMES, RunContext, RunOptions, TrainingError, prepare_context
-from geoloc.train.loop import Phase, TrainState, run_phase, updates_per_epoch
-
-PAD_ID = "__lockstep_padding__"  # a filler row for ZeRO-3 validation: unlabelled, so never scored
-
-
-# ----------------------------------------------------------------------------- modules
-
-
-class HeadView(nn.Module):
-    """A GeoModel without its backbone: the same fusion/norm/head modules (shared, not copied).
-
-    Phase 1 on cached embeddings prepares this, so DDP/DeepSpeed see only what is trained and the
-    backbone is neither wrapped, partitioned nor cast. ``forward`` is ``GeoModel.forward_head``.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        for name, child in model.named_children():
-            if name != "backbone":
-                self.add_module(name, child)
-        own = [n for n, _ in model.named_parameters(recurse=False)]
-        if own:
-            raise TypeError(f"GeoModel has parameters outside its submodules ({own}); HeadView would miss them")
-        self.embed_dim = model.embed_dim
-        self._forward_head = type(model).forward_head
-
-    def forward(self, view_emb: torch.Tensor, view_mask: torch.Tensor):  # (B, V, D), (B, V) -> ModelOutput
-        return self._forward_head(self, view_emb, view_mask)
-
-
-# ----------------------------------------------------------------------------- preparing
-
-
-def configure_deepspeed(ctx: RunContext, batch_size: int, hidden_size: int) -> None:
-    """Fill what accelerate cannot infer without a prepared DataLoader or a ``model.config``."""
-    plugin = ctx.accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
-    for key in ("scheduler", "optimizer"):
-        if key in ds:
-            raise TrainingError(
-                f"the DeepSpeed JSON defines a {key!r}: remove it (the trainer builds AdamW with per-group "
-                "learning rates and steps its own warm-up + cosine schedule)"
-            )
-    ds["train_micro_batch_size_per_gpu"] = batch_size
-    ds["train_batch_size"] = batch_size * ctx.cfg.train.grad_accum * ctx.accelerator.num_processes
-    zero = ds.setdefault("zero_optimization", {})
-    auto = {"reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size}  # fmt: skip
-    zero.update({k: v for k, v in auto.items() if zero.get(k) == "auto"})
-    if ctx.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # the export gathers the weights
-
-
-def prepare(ctx: RunContext, module: nn.Module, optimizer, batch_size: int, hidden_size: int):
-    """``accelerator.prepare`` of model + optimiser only (loaders stay unprepared, see geoloc.data)."""
-    if ctx.is_deepspeed:
-        configure_deepspeed(ctx, batch_size, hidden_size)
-    return ctx.accelerator.prepare(module, optimizer)
-
-
-def make_optimizer(ctx: RunContext, model, num_batches: int, epochs: int):
-    """AdamW over the trainable groups (per-group lr) and its warm-up + cosine schedule per update."""
-    from geoloc.model import param_groups
-    from geoloc.train.schedule import make_scheduler
-
-    t = ctx.cfg.train
-    groups = param_groups(model, t.head_lr, t.backbone_lr, t.weight_decay, t.layer_decay)
-    optimizer = torch.optim.AdamW(groups)
-    total = max(1, updates_per_epoch(num_batches, t.grad_accum) * epochs)
-    return optimizer, make_scheduler(optimizer, total, round(t.warmup_ratio * total))
-
-
-@contextmanager
-def whole_weights(ctx: RunContext):
-    """Load checkpoints unpartitioned under ZeRO-3.
-
-    accelerate registers its DeepSpeed config with transformers even when ``zero3_init_flag`` is false,
-    and transformers then partitions every ``from_pretrained`` (``zero.Init``): the embedding cache could
-    not run the backbone and phase 2's model would mix partitioned and plain parameters. The trainer
-    loads weights whole (a ViT-L/14 fits any GPU) and lets each engine partition what it trains.
-    """
-    if ctx.zero_stage != 3:
-        yield
-        return
-    plugin = ctx.accelerator.state.deepspeed_plugin
-    if plugin.zero3_init_flag:
-        raise TrainingError("zero3_init_flag: true is not supported: set it to false in the accelerate config")
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if plugin.dschf is not None:
-            set_hf_deepspeed_config(plugin.dschf)
-
-
-def build_geo_model(ctx: RunContext, weights: dict | None):
-    """Pretrained backbone + fresh heads (seeded), then ``weights`` over them when given."""
-    from accelerate.utils import set_seed
-
-    from geoloc.model import build_model
-
-    set_seed(ctx.cfg.train.seed)
-    with whole_weights(ctx):
-        model = build_model(ctx.cfg.model, ctx.labels.encoder.num_classes)
-    if weights is not None:
-        model.load_state_dict(weights)
-    return model
-
-
-def gathered_state(ctx: RunContext, prepared) -> dict | None:
-    """The prepared module's full state dict (ZeRO-3: gathered; on the main process only, else None)."""
-    state = ctx.accelerator.get_state_dict(prepared)
-    if ctx.zero_stage == 3 and not ctx.accelerator.is_main_process:
-        return None
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def broadcast_state(ctx: RunContext, state: dict | None) -> dict:
-    """Main's state dict on every rank (only ZeRO-3 leaves the other ranks without one)."""
-    from accelerate.utils import broadcast_object_list
-
-    if ctx.zero_stage != 3:
-        return state
-    box = [state]
-    broadcast_object_list(box)
-    return box[0]
-
-
-def merged_state(geo_model: nn.Module, prepared_state: dict | None) -> dict | None:
-    """Full GeoModel weights: the module's own, overwritten by the prepared (possibly partial) module's."""
-    if prepared_state is None:
-        return None
-    full = {k: v.detach().cpu().clone() for k, v in geo_model.state_dict().items()}
-    unknown = sorted(prepared_state.keys() - full.keys())
-    if unknown:
-        raise KeyError(f"prepared module has keys the GeoModel lacks: {unknown[:5]}")
-    return full | prepared_state
-
+from geoloc.train.engine import (
+    HeadView,
+    broadcast_state,
+    build_geo_model,
+    gathered_state,
+    make_optimizer,
+    merged_state,
+    prepare,
+)  # fmt: skip
+from geoloc.train.loop import Phase, TrainState, run_phase
+from geoloc.train.validation import validate_cached, validate_pixels
 
 # ----------------------------------------------------------------------------- batches and forwards
 
@@ -197,7 +65,9 @@ def cached_batches(ctx: RunContext, table, batch_size: int, epoch: int):
     from geoloc.train.cache import epoch_batches
 
     acc = ctx.accelerator
-    index = epoch_batches(len(table), batch_size, epoch, ctx.cfg.train.seed, acc.process_index, acc.num_processes)
+    index = epoch_batches(
+        len(table), batch_size, epoch, ctx.cfg.train.seed, acc.process_index, acc.num_processes
+    )
     return (table.rows(rows) for rows in index)
 
 
@@ -214,84 +84,6 @@ def pixel_forward(ctx: RunContext, frozen_backbone: bool, model, batch: dict):
     ctx.preprocessor.train()  # augmentation (if configured) during training only
     pixels = ctx.preprocessor(batch["images"].to(ctx.accelerator.device))  # (B, V, 3, S, S)
     return model(pixels, batch["view_mask"].to(ctx.accelerator.device))
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def prior(ctx: RunContext):
-    from geoloc.metrics import Prior
-
-    return Prior.from_dict(ctx.labels.prior)
-
-
-@torch.no_grad()
-def validate_cached(ctx: RunContext, model, table) -> dict:
-    """Score the val embeddings; every rank scores all rows (same forward count on each: ZeRO-3 safe)."""
-    from geoloc.predict import Predictions, evaluate
-
-    was_training = model.training
-    model.eval()
-    probs, gps = [], []
-    for rows in torch.arange(len(table)).split(ctx.cfg.train.eval_batch_size):
-        out = cached_forward(ctx, model, table.rows(rows))
-        probs.append(torch.softmax(out.logits.float(), -1).cpu())
-        gps.append(out.gps.float().cpu())
-    model.train(was_training)
-    preds = Predictions(
-        sample_id=np.asarray(table.sample_id, dtype=object),
-        probs=torch.cat(probs).numpy(),
-        gps=torch.cat(gps).numpy(),
-        label=table.label.numpy(),
-        latlon=table.latlon.numpy(),
-        n_views=table.view_mask.sum(1).numpy(),
-    )
-    return evaluate(preds, ctx.labels.encoder, prior(ctx))
-
-
-def padding_batch(num_views: int) -> dict:
-    """One unlabelled sample without views: forwarded by an idle ZeRO-3 rank, ignored by the scoring."""
-    return {
-        "images": torch.zeros(1, num_views, 3, 256, 256, dtype=torch.uint8),
-        "view_mask": torch.zeros(1, num_views, dtype=torch.bool),
-        "label": torch.full((1,), -1, dtype=torch.int64),
-        "latlon": torch.full((1, 2), float("nan")),
-        "sample_id": [PAD_ID],
-    }
-
-
-def lockstep(loader, ctx: RunContext):
-    """Batches of ``loader``; ranks that run out forward padding until every rank is done.
-
-    Needed under ZeRO-3 only: there every forward gathers parameters with a collective, so all ranks
-    must make the same number of calls, while the eval loader gives ranks different batch counts.
-    """
-    acc, it = ctx.accelerator, iter(loader)
-    while True:
-        batch = next(it, None)
-        if acc.gather(torch.tensor([batch is not None], device=acc.device)).sum() == 0:
-            return
-        yield batch if batch is not None else padding_batch(ctx.num_views)
-
-
-def validate_pixels(ctx: RunContext, model) -> dict:
-    """Score the val shards through the full model with geoloc.predict (the numbers infer.py reports)."""
-    from geoloc.data import make_eval_loader
-    from geoloc.predict import evaluate, predict
-
-    acc = ctx.accelerator
-    loader = make_eval_loader(
-        ctx.shards["val"], batch_size=ctx.cfg.train.eval_batch_size, rank=acc.process_index,
-        world_size=acc.num_processes, num_workers=ctx.cfg.data.num_workers, encoder=ctx.labels.encoder,
-    )  # fmt: skip
-    if ctx.zero_stage == 3:
-        loader = lockstep(loader, ctx)
-    ctx.preprocessor.eval()
-    preds = predict(model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype)
-    preds = preds.take(preds.sample_id != PAD_ID)
-    if len(preds) != ctx.counts["val"]:
-        raise TrainingError(f"validation saw {len(preds)} val samples, the manifest has {ctx.counts['val']}")
-    return evaluate(preds, ctx.labels.encoder, prior(ctx))
 
 
 # ----------------------------------------------------------------------------- export
@@ -337,8 +129,11 @@ def frozen_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
     optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, t.epochs_frozen)
     model, optimizer = prepare(ctx, module, optimizer, batch_size, geo_model.backbone.config.hidden_size)
     if t.cache_embeddings:
-        batches, forward = partial(cached_batches, ctx, tables["train"], batch_size), partial(cached_forward, ctx)
-        validate = partial(validate_cached, ctx, model, tables["val"])
+        batches, forward = (
+            partial(cached_batches, ctx, tables["train"], batch_size),
+            partial(cached_forward, ctx),
+        )
+        validate = partial(validate_cached, ctx, model, tables["val"], forward)
     else:
         batches, forward = partial(loader_batches, ctx, batch_size), partial(pixel_forward, ctx, True)
         validate = partial(validate_pixels, ctx, model)
@@ -424,7 +219,9 @@ def initial_weights(opts: RunOptions) -> dict | None:
 
     path = Path(opts.init_from) / WEIGHTS
     if not path.is_file():
-        raise TrainingError(f"--init-from {opts.init_from}: no {WEIGHTS} there (expected an exported RUN/model)")
+        raise TrainingError(
+            f"--init-from {opts.init_from}: no {WEIGHTS} there (expected an exported RUN/model)"
+        )
     return load_file(path)
 
 
