@@ -28,7 +28,7 @@ from geoloc.train.engine import (
     make_optimizer,
     merged_state,
     prepare,
-)  # fmt: skip
+)
 from geoloc.train.loop import Phase, TrainState, run_phase
 from geoloc.train.validation import validate_cached, validate_pixels
 
@@ -89,11 +89,13 @@ def pixel_forward(ctx: RunContext, frozen_backbone: bool, model, batch: dict):
 # ----------------------------------------------------------------------------- export
 
 
-def export_best(ctx: RunContext, geo_model: nn.Module, prepared, phase: Phase, metrics: dict, state) -> None:
+def export_best(
+    ctx: RunContext, geo_model: nn.Module, phase: Phase, metrics: dict, state: TrainState
+) -> None:
     """Write RUN/model/ from the current (best) weights; every rank calls (ZeRO-3 gathers)."""
     from geoloc.export import save_model_dir, vision_config_dict
 
-    weights = merged_state(geo_model, gathered_state(ctx, prepared))
+    weights = phase.full_state()
     if ctx.accelerator.is_main_process:
         save_model_dir(
             ctx.run_dir / "model", model_state_dict=weights, cfg=ctx.cfg,
@@ -175,15 +177,10 @@ def train_phase(
     ctx.phase_objects.scheduler, ctx.phase_objects.ema = phase.scheduler, phase.ema
     if resume_from is not None:
         state = TrainState.from_dict(ctx.checkpoints.load(resume_from))
-    export = partial(_export, ctx, geo_model)
-    run_phase(ctx, phase, state, export)
+    run_phase(ctx, phase, state, partial(export_best, ctx, geo_model))
     final = broadcast_state(ctx, phase.full_state())
     ctx.accelerator.free_memory()  # destroys a DeepSpeed engine: phase 2 builds its own
     return final, state
-
-
-def _export(ctx: RunContext, geo_model, phase: Phase, metrics: dict, state: TrainState) -> None:
-    export_best(ctx, geo_model, phase.model, phase, metrics, state)
 
 
 # ----------------------------------------------------------------------------- the command
