@@ -38,10 +38,12 @@ def train_args(shards, clip_dir, out_dir, cache_dir, *overrides: str) -> list[st
     ]  # fmt: skip
 
 
-def run_train(args: list[str], kind: str = "python", timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], kind: str = "python", timeout: int = 600, drop_env: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """Run train.py from the repository root; stdout and stderr are captured (as text)."""
     prefix, extra = launcher(kind)
-    env = {**os.environ, **ENV, **extra}
+    env = {k: v for k, v in {**os.environ, **ENV, **extra}.items() if k not in drop_env}
     return subprocess.run(
         prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -83,6 +83,13 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     assert torch.equal(table.view_mask[rows], batch["view_mask"])
 
 
+def test_two_processes_without_a_backend_are_refused(tiny_shards, tiny_clip_dir, tmp_path):
+    """`--multi_gpu` on a CPU box without ACCELERATE_USE_CPU gives 2 processes that never talk."""
+    args = train_args(tiny_shards, tiny_clip_dir, tmp_path / "run", tmp_path / "cache")
+    proc = check(run_train(args, kind="ddp", drop_env=("ACCELERATE_USE_CPU",)), rc=1)
+    assert "2 processes were launched but accelerate set up no distributed backend" in proc.stderr
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_ranks_trains_both_phases(zero_runs, stage):
     run_dir = zero_runs[stage]

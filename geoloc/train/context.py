@@ -133,14 +133,14 @@ class RunContext:
 def make_accelerator(cfg: Config, opts: RunOptions):
     """An Accelerator from the launch config (env); gloo on CPU, where the NCCL default cannot work."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
     from geoloc.train.tracking import log_with
 
     # NCCL cannot run on CPU; a single plain process must get no backend at all (no process group)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with(opts.report_to),
         project_config=ProjectConfiguration(
@@ -148,6 +148,13 @@ def make_accelerator(cfg: Config, opts: RunOptions):
         ),
         kwargs_handlers=handlers,
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        # e.g. `accelerate launch --multi_gpu` without GPUs: N processes that never talk to each other
+        raise TrainingError(
+            f"{accelerator.num_processes} processes were launched but accelerate set up no distributed "
+            "backend (no GPU?); on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..."
+        )
+    return accelerator
 
 
 def is_deepspeed(accelerator) -> bool:
