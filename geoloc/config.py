@@ -137,7 +137,9 @@ def _merge(base, overrides, source: str):
         raise ConfigError(f"{source}: {key}: {reason}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None
+) -> Config:
     """Defaults < YAML file < preset < dotted overrides; returns a validated :class:`Config`."""
     cfg = OmegaConf.structured(Config)
     if path:

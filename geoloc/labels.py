@@ -23,7 +23,7 @@ class LabelEncoder:
             raise ValueError(f"duplicated state index in {self.state_indices}")
 
     @classmethod
-    def fit(cls, state_indices, names: dict[int, str] | None = None) -> "LabelEncoder":
+    def fit(cls, state_indices, names: dict[int, str] | None = None) -> LabelEncoder:
         """Build from the state indices that occur (any order, repeats allowed)."""
         uniq = sorted({int(i) for i in state_indices})
         names = names or {}
@@ -51,12 +51,12 @@ class LabelEncoder:
         return {"state_indices": list(self.state_indices), "state_names": list(self.state_names)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LabelEncoder":
+    def from_dict(cls, d: dict) -> LabelEncoder:
         return cls(tuple(int(i) for i in d["state_indices"]), tuple(d["state_names"]))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "LabelEncoder":
+    def load(cls, path: str | Path) -> LabelEncoder:
         return cls.from_dict(json.loads(Path(path).read_text()))

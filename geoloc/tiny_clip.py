@@ -28,24 +28,24 @@ def build_tiny_clip(
     from transformers import CLIPConfig, CLIPModel
 
     out_dir = Path(out_dir)
-    vision = dict(
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=projection_dim,  # like OpenAI-derived checkpoints: the vision config carries it
-    )
-    text = dict(
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=128,
-        max_position_embeddings=16,
-        projection_dim=projection_dim,
-    )
+    vision = {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "projection_dim": projection_dim,  # like OpenAI-derived checkpoints: the vision config carries it
+    }
+    text = {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 16,
+        "projection_dim": projection_dim,
+    }
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(out_dir)
