@@ -13,6 +13,8 @@ SHORT = ("train.epochs_frozen=1", "train.epochs_finetune=1")
 # val shards hold 7 and 5 samples: with batches of 5 the ranks get 2 and 1 eval batches, which ZeRO-3
 # validation must survive (every forward there is a collective)
 UNEVEN_EVAL = ("train.eval_batch_size=5",)
+# phase 1: 1 update (cache, 36 rows / (32 x 2 ranks)); phase 2: 36 / (4 x 2) = 4 updates; checkpoint every 2
+ZERO = (*UNEVEN_EVAL, "train.batch_size=4", "train.save_every_steps=2", "train.keep_checkpoints=5")
 
 
 def _launch(kind, shards, clip, root, *extra):
@@ -28,7 +30,7 @@ def ddp_run(tiny_shards, tiny_clip_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero_runs(tiny_shards, tiny_clip_dir, tmp_path_factory):
     return {
-        s: _launch(f"zero{s}", tiny_shards, tiny_clip_dir, tmp_path_factory.mktemp(f"z{s}"), *UNEVEN_EVAL)
+        s: _launch(f"zero{s}", tiny_shards, tiny_clip_dir, tmp_path_factory.mktemp(f"z{s}"), *ZERO)
         for s in (2, 3)
     }
 
@@ -104,3 +106,30 @@ def test_zero2_and_zero3_train_the_same_model(zero_runs):
     scores = {s: [r["val/score"] for _, r in sorted(val_records(d).items())] for s, d in zero_runs.items()}
     assert len(scores[2]) == len(scores[3]) == 2
     assert scores[2] == pytest.approx(scores[3], abs=0.02)
+
+
+def test_zero3_resume_after_an_interruption_follows_the_uninterrupted_run(
+    zero_runs, tiny_shards, tiny_clip_dir
+):
+    """Stopped in phase 2 (step 3, last checkpoint at step 2), resumed: the same losses, scores, weights."""
+    from safetensors.torch import load_file
+
+    full = zero_runs[3]
+    args = train_args(
+        tiny_shards, tiny_clip_dir, full.parent / "resumed", full.parent / "cache", *SHORT, *ZERO
+    )
+    check(run_train(args + ["--stop-after-steps", "3"], kind="zero3"), rc=1)  # the launcher reports 1
+    check(run_train(args + ["--resume", "latest"], kind="zero3"))
+    resumed = full.parent / "resumed"
+
+    def curve(run_dir):  # a resumed run's later line for a step wins
+        return {
+            (r["step"], k): r[k] for r in read_metrics(run_dir) for k in ("train/loss", "val/score") if k in r
+        }
+
+    assert curve(resumed) == curve(full) and len(curve(full)) == 5 + 2
+    want, got = (
+        load_file(full / "model" / "model.safetensors"),
+        load_file(resumed / "model" / "model.safetensors"),
+    )
+    assert all(torch.equal(want[k], got[k]) for k in want)
