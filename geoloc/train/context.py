@@ -86,6 +86,8 @@ class PhaseObjects:
 
 @dataclass
 class RunContext:
+    """Everything the phases share, built once by :func:`prepare_context`."""
+
     cfg: Config
     opts: RunOptions
     accelerator: object  # accelerate.Accelerator
