@@ -54,6 +54,10 @@ def test_metric_families():
     assert family("val/score") == family("val/acc_top5") == "val score and parts"
     assert family("train/samples_per_s") == "throughput"
     assert family("epoch") == "other"
+    # shares in [0, 1] plot beside the score, not on the km axis; the sample count is not a rate
+    assert family("val/within_200km") == "val score and parts"
+    assert family("val/median_km") == "distance (km)"
+    assert family("val/n") == "other"
 
 
 def test_plot_curves_from_synthetic_jsonl(tmp_path):

@@ -25,8 +25,9 @@ PROJECT = "geoloc"
 FAMILIES = (
     ("losses", re.compile(r"loss")),
     ("learning rate", re.compile(r"(^|/)lr")),
-    ("distance (km)", re.compile(r"km")),
-    ("val score and parts", re.compile(r"^val/")),
+    ("distance (km)", re.compile(r"(mean|median|p90)_km|km_")),
+    # rates in [0, 1] share a panel; counts (val/n) go to "other" so they do not squash the axis
+    ("val score and parts", re.compile(r"^val/(?!n$)")),
     ("throughput", re.compile(r"per_s|/s$|samples_s")),
 )
 
@@ -121,7 +122,7 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path:
         panels.setdefault(family(key), []).append(key)
     order = [name for name, _ in FAMILIES] + ["other"]
     names = [name for name in order if name in panels] or ["(no metrics yet)"]
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.6 * len(names)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.6 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
         for key in panels.get(name, []):
             steps = sorted(series[key])
@@ -134,7 +135,9 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path:
             ax.set_yscale("log")  # backbone and head lrs differ by ~100x
         ax.grid(alpha=0.3)
         if panels.get(name):
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(
+                fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+            )  # outside: never hides a curve
     axes[-1, 0].set_xlabel("optimiser step")
     fig.tight_layout()
     png_path = Path(png_path)
