@@ -11,6 +11,7 @@ stay fast.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -19,6 +20,8 @@ from torch import nn
 
 from geoloc.config import ModelConfig
 from geoloc.contract import VIEWS
+
+log = logging.getLogger(__name__)
 
 LAT_RANGE = (18.0, 72.0)  # the GPS head's output box (degrees): the US incl. Alaska and Hawaii
 LON_RANGE = (-180.0, -65.0)
@@ -100,10 +103,23 @@ def _vision_config(name_or_path: str):
 
 def load_backbone(name_or_path: str, pooling: str) -> tuple[ClipBackbone, int]:
     """Pretrained CLIP vision backbone from a hub id or local dir -> (module, view-embedding dim D)."""
+    from transformers.utils import logging as hf_logging
+
     vision = _vision_config(name_or_path)
-    hf_model, info = _hf_class(pooling).from_pretrained(
-        name_or_path, config=vision, attn_implementation="sdpa", output_loading_info=True
-    )
+    # A full CLIPModel dir (StreetCLIP) also holds the text tower: transformers would print a table of
+    # ~200 "UNEXPECTED" keys. That is expected here; missing keys are what matter, and are checked below.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_model, info = _hf_class(pooling).from_pretrained(
+            name_or_path, config=vision, attn_implementation="sdpa", output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["unexpected_keys"]:
+        log.info(
+            "%s: ignored %d weights outside the vision tower", name_or_path, len(info["unexpected_keys"])
+        )
     if info["missing_keys"]:  # e.g. pooling "projection" from a checkpoint without a projection
         missing = sorted(info["missing_keys"])
         raise ValueError(f"{name_or_path}: weights missing for pooling={pooling!r}: {missing[:5]}")

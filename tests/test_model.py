@@ -357,3 +357,14 @@ def test_model_output_converts_like_a_tuple():
     converted = convert_to_fp32(out)  # what accelerate applies to forward outputs under bf16
     assert isinstance(converted, ModelOutput)
     assert all(t.dtype == torch.float32 for t in converted)
+
+
+def test_loading_a_full_clip_dir_does_not_print_the_text_tower_report(tiny_clip_dir, capsys, caplog):
+    """StreetCLIP is a full CLIPModel dir: its ~200 text weights are expected leftovers, not a warning."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    load_backbone(str(tiny_clip_dir), "projection")
+    out = capsys.readouterr()
+    assert "UNEXPECTED" not in out.out + out.err + caplog.text
+    assert hf_logging.get_verbosity() == before  # restored for the caller
