@@ -62,9 +62,10 @@ def read_state_mapping(root: str | Path) -> dict[int, str]:
     if name_col is None:
         raise DataContractError(f"{path}: needs a 'state' or 'state_name' column; found {list(df.columns)}")
     mapping: dict[int, str] = {}
-    for row, (idx, name) in enumerate(zip(df["state_idx"], df[name_col]), start=2):
+    numeric = pd.to_numeric(df["state_idx"], errors="coerce")  # "x" -> NaN, reported below by line
+    for row, (raw, idx, name) in enumerate(zip(df["state_idx"], numeric, df[name_col]), start=2):
         if pd.isna(idx) or not float(idx).is_integer() or not 0 <= int(idx) <= MAX_STATE_IDX:
-            raise DataContractError(f"{path}, line {row}: state_idx {idx!r} is not an integer in 0..49")
+            raise DataContractError(f"{path}, line {row}: state_idx {raw!r} is not an integer in 0..49")
         if int(idx) in mapping:
             raise DataContractError(f"{path}, line {row}: state_idx {int(idx)} appears twice")
         mapping[int(idx)] = str(name)

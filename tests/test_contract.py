@@ -24,6 +24,8 @@ def test_state_mapping_accepts_state_or_state_name_and_ignores_extras(tmp_path):
         ("state_idx,name\n1,x\n", "state_name"),
         ("state_idx,state\n1,a\n1,b\n", "line 3.*twice"),
         ("state_idx,state\n70,a\n", "line 2.*0..49"),
+        ("state_idx,state\n0,Alabama\nx,Foo\n", "line 3.*'x'.*0..49"),
+        ("state_idx,state\n0,Alabama\n1.5,Foo\n", "line 3.*0..49"),
     ],
 )
 def test_state_mapping_errors_name_file_and_line(tmp_path, text, match):
