@@ -32,6 +32,13 @@ class DataConfig:
     val_split: str = "val"
     augment: bool = False  # on-device random resized crop (no flip: a mirror flips the driving side)
     aug_min_scale: float = 0.8  # smallest crop area fraction when augmenting
+    aug_jitter: float = 0.0  # brightness/contrast factors in [1 - j, 1 + j] when augmenting (0 = off)
+
+    def __post_init__(self):
+        if not 0 < self.aug_min_scale <= 1:
+            raise ConfigError(f"data.aug_min_scale={self.aug_min_scale}: must be in (0, 1]")
+        if not 0 <= self.aug_jitter < 1:  # a factor of 0 or below would blank or invert an image
+            raise ConfigError(f"data.aug_jitter={self.aug_jitter}: must be in [0, 1)")
 
 
 @dataclass

@@ -77,6 +77,8 @@ class Preprocessor(nn.Module):
         super().__init__()
         if not 0 < min_scale <= 1:
             raise ValueError(f"min_scale={min_scale}: must be in (0, 1]")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter={jitter}: must be in [0, 1)")
         self.image_size = image_size
         self.augment, self.min_scale, self.jitter, self.dtype = augment, min_scale, jitter, dtype
         # (x / 255 - mean) / std folded into one multiply-add; (1, 3, 1, 1) to broadcast over (N, 3, S, S)
@@ -87,9 +89,9 @@ class Preprocessor(nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone: str, data: DataConfig | None = None, **kw) -> Preprocessor:
-        """Settings from the backbone's configs; augmentation from ``data`` (``augment``, ``aug_min_scale``)."""
+        """Settings from the backbone's configs; augmentation from ``data`` (``augment``, ``aug_*``)."""
         if data is not None:
-            kw = {"augment": data.augment, "min_scale": data.aug_min_scale, **kw}
+            kw = {"augment": data.augment, "min_scale": data.aug_min_scale, "jitter": data.aug_jitter, **kw}
         return cls(**preprocess_settings(backbone), **kw)
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geoloc.config import DataConfig
+from geoloc.config import ConfigError, DataConfig, load_config
 from geoloc.preprocess import Preprocessor, crop_boxes, preprocess_settings
 from geoloc.tiny_clip import CLIP_MEAN, CLIP_STD
 
@@ -126,3 +126,23 @@ def test_from_backbone_takes_augmentation_from_data_config(tiny_clip_dir):
     pre = Preprocessor.from_backbone(str(tiny_clip_dir), DataConfig(augment=True, aug_min_scale=0.6))
     assert (pre.image_size, pre.augment, pre.min_scale) == (56, True, 0.6)
     assert pre(ramp(size=32)).shape == (2, 4, 3, 56, 56)
+
+
+def test_jitter_from_config_reaches_the_module(tiny_clip_dir):
+    """``data.aug_jitter`` from a dotted override changes the train-mode output (min_scale=1: no crop)."""
+    images = ramp(size=56)
+    for jitter, changed in ((0.25, True), (0.0, False)):
+        cfg = load_config(
+            overrides=["data.augment=true", "data.aug_min_scale=1.0", f"data.aug_jitter={jitter}"]
+        )
+        pre = Preprocessor.from_backbone(str(tiny_clip_dir), cfg.data)
+        assert pre.jitter == jitter
+        assert (not torch.allclose(pre.train()(images), pre.eval()(images))) is changed
+
+
+@pytest.mark.parametrize("override", ["data.aug_jitter=1.0", "data.aug_jitter=-0.1", "data.aug_min_scale=0"])
+def test_augmentation_settings_validated_in_config(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(overrides=[override])
+    with pytest.raises(ValueError, match="jitter"):
+        Preprocessor(16, jitter=1.0)
