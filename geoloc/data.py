@@ -15,12 +15,18 @@ Guarantees (see ARCHITECTURE.md for the batch dict):
   buffer is seeded by (seed, epoch, rank, worker), so a run with the same (seed, epoch, rank,
   world_size, num_workers) yields the same batches: a resumed run can skip batches and follow the
   uninterrupted one. An epoch is thus a sample count, not an exact pass: with uneven shards a rank
-  may see a few samples twice and miss others in one epoch (the next epoch reshuffles the shards).
+  may see a few samples twice and miss others in one epoch (the next epoch reshuffles the shards). A rank
+  whose shard count is not a multiple of its workers makes this worse and logs a warning saying how to
+  reshard.
+- Empty shards: those the manifest counts as empty are dropped before the rank split; a training worker
+  whose shards yield nothing in a full pass warns and ends (the rank's other workers go on); a rank left
+  with no sample at all raises, naming its shards.
 - Evaluation: shards are split by rank, then by worker; every sample comes out exactly once across all
   ranks, a rank without a shard yields nothing.
 - Bad data never stops a run silently: unreadable tar data and missing/undecodable views are logged and
   counted in :class:`LoadStats` (shared by the DataLoader workers); a sample with a bad view is kept
   with that view zeroed and masked out.
+- Batches are in pinned memory when CUDA is available, so ``.to(device, non_blocking=True)`` overlaps.
 
 Do NOT pass these loaders through ``accelerator.prepare``: it re-shards or dispatches an iterable
 dataset and silently loses or duplicates samples (measured: 20 of 40, or 24 unique of 32). The rank
@@ -125,21 +131,34 @@ class LoadStats:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _decode_rgb(data: bytes, size: int) -> np.ndarray:
-    """Image bytes -> read-only uint8 ``(size, size, 3)`` RGB array (the channels-last layout PIL gives)."""
+def _decode_rgb(data: bytes, size: int, what: str = "image") -> np.ndarray:
+    """Image bytes -> read-only uint8 ``(size, size, 3)`` RGB array (the channels-last layout PIL gives).
+
+    Any failure becomes :class:`ImageDecodeError` naming ``what``: on bad bytes PIL's plugins raise
+    OSError, ValueError, SyntaxError, but also struct.error, IndexError, EOFError, NotImplementedError...
+    and one escaping here would kill a DataLoader worker.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             img = img if img.mode == "RGB" else img.convert("RGB")  # L, CMYK, P, RGBA, ...
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
             return np.asarray(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's bad-bytes errors
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {err}") from None
+    except Exception as err:  # noqa: BLE001 (see above; KeyboardInterrupt and SystemExit still pass)
+        raise ImageDecodeError(
+            f"cannot decode {what} ({len(data)} bytes): {_error_name(err)}: {err}"
+        ) from None
 
 
-def decode_image(data: bytes, size: int = IMAGE_SIZE) -> torch.Tensor:
+def _error_name(err: Exception) -> str:
+    """``ValueError``, ``struct.error``, ``PIL.UnidentifiedImageError``: the module unless a builtin."""
+    kind = type(err)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def decode_image(data: bytes, size: int = IMAGE_SIZE, what: str = "image") -> torch.Tensor:
     """JPEG/PNG bytes (any mode: RGB, L, CMYK, ...) -> uint8 ``(3, size, size)``, resized if needed."""
-    return torch.from_numpy(_decode_rgb(data, size).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return torch.from_numpy(_decode_rgb(data, size, what).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 def _label(meta: dict, encoder: LabelEncoder | None, name: str) -> int:
@@ -167,9 +186,9 @@ def _decode_view(data: bytes | None, name: str, view: str, stats: LoadStats | No
             stats.add("missing_views")
         return None
     try:
-        return _decode_rgb(data, IMAGE_SIZE)
+        return _decode_rgb(data, IMAGE_SIZE, f"{name} view {view}")
     except ImageDecodeError as err:
-        log.warning("%s: view %s masked out: %s", name, view, err)
+        log.warning("view masked out: %s", err)
         if stats is not None:
             stats.add("bad_views")
         return None
@@ -262,17 +281,21 @@ def split_by_worker(src):
 
 
 def read_tars(src, stats: LoadStats, repeat: bool = False):
-    """Shard URLs -> raw samples (dict of member bytes); errors go to ``stats``. ``repeat``: loop forever."""
+    """Shard URLs -> raw samples (dict of member bytes); errors go to ``stats``.
+
+    ``repeat``: loop over the shards until a full pass yields nothing; then warn and end, so that this
+    worker stops and the rank's other workers go on (:class:`Loader` raises if the whole rank runs dry).
+    """
     urls = list(src)
     while urls:
         count = 0
         for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=stats.tar_error):
             count += 1
             yield sample
-        if not repeat:
+        if repeat and count == 0:  # repeating would spin forever
+            log.warning("no readable sample in a full pass over shards %s: this worker stops", urls)
+        if not repeat or count == 0:
             return
-        if count == 0:  # repeating would spin forever
-            raise RuntimeError(f"no readable sample in shards {urls}; see the warnings above")
 
 
 def shuffle_samples(src, bufsize: int, seed: int, epoch: int, rank: int):
@@ -341,32 +364,108 @@ def eval_stages(urls, *, batch_size, rank, world_size, encoder, stats):
 class Loader:
     """Iterable of batch dicts over a stage list, run in ``num_workers`` DataLoader workers.
 
-    ``num_batches`` (training) cuts the endless stream and gives ``len()``; ``stats`` holds the counts.
+    ``num_batches`` (training) cuts the endless stream and gives ``len()``; if the stream ends sooner
+    (no readable sample left in the rank's ``shards``) iterating raises. ``stats`` holds the counts.
+    ``pin_memory`` (default: when CUDA is available) puts batches in page-locked memory, so that
+    ``.to(device, non_blocking=True)`` is asynchronous.
     """
 
-    def __init__(self, stages: list, num_workers: int, stats: LoadStats, num_batches: int | None = None):
+    def __init__(
+        self,
+        stages: list,
+        num_workers: int,
+        stats: LoadStats,
+        num_batches: int | None = None,
+        *,
+        pin_memory: bool | None = None,
+        shards: list[str] = (),
+    ):
         self.pipeline = wds.DataPipeline(stages)
         self.num_workers = num_workers
         self.stats = stats
         self.num_batches = num_batches
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.shards = list(shards)
 
     def __len__(self) -> int:
         if self.num_batches is None:
             raise TypeError("an eval loader has no length; count samples from the manifest")
         return self.num_batches
 
+    def dataloader(self) -> DataLoader:
+        # batch_size=None: the pipeline yields whole batches (collated in shared memory by the workers)
+        return DataLoader(
+            self.pipeline, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
+
     def __iter__(self):
-        loader = DataLoader(self.pipeline, batch_size=None, num_workers=self.num_workers)
-        yield from islice(loader, self.num_batches)
+        n = 0
+        for n, batch in enumerate(islice(self.dataloader(), self.num_batches), start=1):
+            yield batch
+        if self.num_batches is not None and n < self.num_batches:
+            raise RuntimeError(
+                f"train data ran dry after {n} of {self.num_batches} batches: no readable sample in a "
+                f"full pass over this rank's shards {self.shards}; see the warnings above"
+            )
         stats = self.stats.as_dict()
         if stats["tar_errors"] or stats["bad_views"]:
             log.warning("data: unreadable shard data or views were skipped: %s", self.stats)
 
 
-def _shards_of_rank(urls: list[str], rank: int, world_size: int) -> int:
+def _shard_list(shards) -> list[str]:
+    """The shard URLs as a list. One string or path is refused: it would be read character by character,
+    and which split of a directory it means is not known here."""
+    if isinstance(shards, (str, os.PathLike)):
+        raise TypeError(
+            f"shards={str(shards)!r}: expected a list of shard URLs, got one string or path; "
+            "pass resolve_shards(spec, split)"
+        )
+    return [str(s) for s in shards]
+
+
+def _shards_of_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return len(urls[rank::world_size])
+    return list(split_by_rank(urls, rank, world_size))
+
+
+def drop_empty_shards(urls: list[str], shard_counts: dict[str, int] | None) -> list[str]:
+    """``urls`` less those whose file name ``shard_counts`` maps to 0 samples (logged); unknown names stay.
+
+    A DataLoader worker given only empty shards would have nothing to repeat.
+    """
+    empty = {u for u in urls if (shard_counts or {}).get(os.path.basename(u)) == 0}
+    if empty:
+        log.warning("skipped %d train shard(s) with 0 samples in the manifest: %s", len(empty), sorted(empty))
+    return [u for u in urls if u not in empty]
+
+
+def suggest_samples_per_shard(num_samples: int, num_shards: int, parts: int) -> int | None:
+    """A ``--samples-per-shard`` giving a multiple of ``parts`` shards, at least ``num_shards`` of them.
+
+    The sharder writes ``ceil(num_samples / samples_per_shard)`` shards per split. None when no value
+    gives such a count (fewer samples than ``parts``).
+    """
+    first = -(-max(num_shards, 1) // parts) * parts  # the next multiple of parts
+    for count in range(first, num_samples + 1, parts):
+        per_shard = -(-num_samples // count)  # ceil
+        if -(-num_samples // per_shard) == count:
+            return per_shard
+    return None
+
+
+def _warn_uneven_workers(
+    rank: int, rank_shards: int, workers: int, world_size: int, num_samples: int, num_shards: int
+):
+    parts = world_size * workers
+    per_shard = suggest_samples_per_shard(num_samples, num_shards, parts)
+    hint = f": --samples-per-shard {per_shard} for {num_samples} samples" if per_shard else ""
+    log.warning(
+        "rank %d: %d train shards for %d DataLoader workers, not a multiple: workers with fewer shards "
+        "repeat theirs sooner, so each epoch sees some samples twice and misses others. Reshard into a "
+        "multiple of %d ranks x %d workers = %d shards%s",
+        rank, rank_shards, workers, world_size, workers, parts, hint,
+    )  # fmt: skip
 
 
 def make_train_loader(
@@ -381,29 +480,37 @@ def make_train_loader(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     encoder: LabelEncoder | None = None,
+    shard_counts: dict[str, int] | None = None,
+    pin_memory: bool | None = None,
 ) -> Loader:
     """Endless shuffled stream cut to ``num_samples // (world_size * batch_size)`` full batches per rank.
 
-    ``encoder`` is the manifest's label encoder (``LabelEncoder.from_dict(manifest["label_encoder"])``).
+    ``encoder`` is the manifest's label encoder (``LabelEncoder.from_dict(manifest["label_encoder"])``);
+    ``shard_counts`` its ``splits[split]["shards"]`` (``{file name: samples}``): empty shards are dropped
+    before the rank split. ``pin_memory``: see :class:`Loader`.
     """
+    urls = drop_empty_shards(_shard_list(shards), shard_counts)
     num_batches = num_samples // (world_size * batch_size)
     if num_batches == 0:
         raise ValueError(
             f"num_samples={num_samples} < world_size*batch_size={world_size * batch_size}: "
             "no full batch per rank; lower the batch size"
         )
-    rank_shards = _shards_of_rank(shards, rank, world_size)
-    if rank_shards == 0:
+    rank_urls = _shards_of_rank(list(shuffle_shards(urls, seed, epoch)), rank, world_size)  # as the stages do
+    if not rank_urls:
         raise ValueError(
-            f"{len(shards)} train shard(s) for {world_size} ranks: rank {rank} has none; "
+            f"{len(urls)} train shard(s) for {world_size} ranks: rank {rank} has none; "
             "reshard with a smaller --samples-per-shard"
         )
+    workers = min(num_workers, len(rank_urls))
+    if len(rank_urls) % max(workers, 1):  # 0 workers: the main process reads them all
+        _warn_uneven_workers(rank, len(rank_urls), workers, world_size, num_samples, len(urls))
     stats = LoadStats()
     stages = train_stages(
-        shards, batch_size=batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+        urls, batch_size=batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
         shuffle_buffer=shuffle_buffer, encoder=encoder, stats=stats,
     )  # fmt: skip
-    return Loader(stages, min(num_workers, rank_shards), stats, num_batches)
+    return Loader(stages, workers, stats, num_batches, pin_memory=pin_memory, shards=rank_urls)
 
 
 def make_eval_loader(
@@ -414,11 +521,13 @@ def make_eval_loader(
     world_size: int = 1,
     num_workers: int = 2,
     encoder: LabelEncoder | None = None,
+    pin_memory: bool | None = None,
 ) -> Loader:
     """Every sample once across ranks, in shard order, last batch possibly short."""
-    rank_shards = _shards_of_rank(shards, rank, world_size)
+    urls = _shard_list(shards)
+    rank_urls = _shards_of_rank(urls, rank, world_size)
     stats = LoadStats()
     stages = eval_stages(
-        shards, batch_size=batch_size, rank=rank, world_size=world_size, encoder=encoder, stats=stats
+        urls, batch_size=batch_size, rank=rank, world_size=world_size, encoder=encoder, stats=stats
     )
-    return Loader(stages, min(num_workers, rank_shards), stats)
+    return Loader(stages, min(num_workers, len(rank_urls)), stats, pin_memory=pin_memory, shards=rank_urls)

@@ -6,7 +6,11 @@ counts, uneven shard sizes, missing views and corrupt members are easy to make.
 
 import io
 import json
+import logging
+import math
 import os
+import re
+import struct
 import subprocess
 import sys
 import tarfile
@@ -155,6 +159,33 @@ def test_decode_garbage_raises_clear_error():
         D.decode_image(b"not a jpeg at all")
 
 
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS whose pixel-format flags (bytes 80..83) are unknown: PIL raises NotImplementedError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "DDS")
+    data = bytearray(buf.getvalue())
+    data[80:84] = struct.pack("<I", 128)
+    return bytes(data)
+
+
+def test_decode_non_oserror_from_pil_becomes_decode_error():
+    with pytest.raises(D.ImageDecodeError, match="cannot decode image .*NotImplementedError"):
+        D.decode_image(dds_with_unknown_pixel_format())
+
+
+def test_decode_any_pil_exception_names_the_view(monkeypatch, caplog):
+    def broken_open(_):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    s = make_sample(7)
+    monkeypatch.setattr(D.Image, "open", broken_open)
+    stats = D.LoadStats()
+    with caplog.at_level(logging.WARNING, logger="geoloc.data"):
+        out = D.decode_sample(s, ENCODER, stats)
+    assert out["view_mask"].tolist() == [False] * 4 and stats.as_dict()["bad_views"] == 4
+    assert re.search(r"img_000007 view west .*struct\.error: unpack requires", caplog.text)
+
+
 def test_decode_sample_full():
     s = make_sample(4)
     out = D.decode_sample(s, ENCODER)
@@ -261,14 +292,15 @@ def test_read_tars_counts_corrupt_shard_and_continues(tmp_path):
     assert set(samples[0]) >= {"json", "north.jpg", "east.jpg", "south.jpg", "west.jpg"}
 
 
-def test_read_tars_repeat_loops_and_fails_on_unreadable(tmp_path):
+def test_read_tars_repeat_loops_and_ends_with_a_warning_on_unreadable(tmp_path, caplog):
     shards = write_shards(tmp_path, "train", [2])
     stream = D.read_tars(iter(shards), D.LoadStats(), repeat=True)
     keys = [next(stream)["__key__"] for _ in range(5)]
     assert keys == ["img_000000", "img_000001"] * 2 + ["img_000000"]
-    missing = D.read_tars(iter([str(tmp_path / "nope.tar")]), D.LoadStats(), repeat=True)
-    with pytest.raises(RuntimeError, match="no readable sample"):
-        next(missing)
+    empty = str(write_tar(tmp_path / "empty.tar", []))
+    with caplog.at_level(logging.WARNING, logger="geoloc.data"):
+        assert list(D.read_tars(iter([empty, str(tmp_path / "nope.tar")]), D.LoadStats(), repeat=True)) == []
+    assert "no readable sample in a full pass" in caplog.text and "empty.tar" in caplog.text
 
 
 def test_shuffle_samples_is_a_seeded_permutation():
@@ -346,6 +378,103 @@ def test_train_loader_caps_workers_to_rank_shards(tmp_path):
     shards = write_shards(tmp_path, "train", [4, 4, 4])
     assert train_loader(shards, world_size=2, rank=1, num_workers=4).num_workers == 1
     assert train_loader(shards, num_workers=8).num_workers == 3
+
+
+def test_worker_with_only_empty_shards_ends_and_the_others_fill_the_epoch(tmp_path):
+    shards = write_shards(tmp_path, "train", [0, 6])  # 2 workers: one of them gets only the empty shard
+    loader = train_loader(shards, num_samples=6, num_workers=2)
+    assert loader.num_workers == 2
+    batches = list(loader)
+    assert len(batches) == 2 and set(ids_of(batches)) <= {f"img_{i:06d}" for i in range(6)}
+
+
+def test_rank_without_a_readable_sample_raises_naming_its_shards(tmp_path):
+    shards = write_shards(tmp_path, "train", [0, 0])
+    with pytest.raises(RuntimeError, match="ran dry after 0 of 2 batches") as err:
+        list(train_loader(shards, num_samples=6, num_workers=2))
+    assert all(shard in str(err.value) for shard in shards)
+
+
+def test_train_loader_drops_shards_the_manifest_counts_empty(tmp_path, caplog):
+    shards = write_shards(tmp_path, "train", [0, 6, 0])
+    counts = {"train-000000.tar": 0, "train-000001.tar": 6, "train-000002.tar": 0}
+    with caplog.at_level(logging.WARNING, logger="geoloc.data"):
+        loader = train_loader(shards, num_samples=6, num_workers=2, shard_counts=counts)
+    assert loader.shards == [shards[1]] and loader.num_workers == 1
+    assert "2 train shard(s) with 0 samples" in caplog.text and "train-000002.tar" in caplog.text
+    assert len(list(loader)) == 2
+    unknown = train_loader(shards, num_samples=6, num_workers=2, shard_counts={"other.tar": 0})
+    assert sorted(unknown.shards) == shards  # names the manifest does not know are kept
+    with pytest.raises(ValueError, match="rank 0 has none"):
+        train_loader(shards, num_samples=6, shard_counts=dict.fromkeys(counts, 0))
+
+
+def test_uneven_shards_per_worker_warn_with_a_samples_per_shard_that_fixes_it(tmp_path, caplog):
+    shards = write_shards(tmp_path, "train", [4, 4, 4])
+    with caplog.at_level(logging.WARNING, logger="geoloc.data"):
+        train_loader(shards, num_samples=12, num_workers=2)
+    assert "rank 0: 3 train shards for 2 DataLoader workers, not a multiple" in caplog.text
+    per_shard = int(re.search(r"--samples-per-shard (\d+) for 12 samples", caplog.text).group(1))
+    assert math.ceil(12 / per_shard) % 2 == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="geoloc.data"):
+        train_loader(shards, num_samples=12, num_workers=3)
+        train_loader(shards, num_samples=12, num_workers=0)  # the main process reads all 3
+        train_loader(shards[:2], num_samples=8, num_workers=2)
+    assert "not a multiple" not in caplog.text
+
+
+@pytest.mark.parametrize("num_samples", [17, 100, 1001, 123_457])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8, 16])
+def test_suggest_samples_per_shard_gives_the_fewest_shards_that_are_a_multiple(num_samples, parts):
+    counts = {s: math.ceil(num_samples / s) for s in range(1, num_samples + 1)}  # the sharder's count
+    fits = {s: c for s, c in counts.items() if c % parts == 0 and c >= 5}
+    per_shard = D.suggest_samples_per_shard(num_samples, num_shards=5, parts=parts)
+    if not fits:
+        assert per_shard is None
+    else:
+        assert per_shard in fits and fits[per_shard] == min(fits.values())
+
+
+def test_suggest_samples_per_shard_none_when_too_few_samples():
+    assert D.suggest_samples_per_shard(3, num_shards=1, parts=4) is None
+
+
+@pytest.mark.parametrize(
+    ("make", "kw"),
+    [(D.make_train_loader, {"num_samples": 4, "epoch": 0, "seed": 0}), (D.make_eval_loader, {})],
+)
+@pytest.mark.parametrize("spec", ["/some/dir", Path("/some/dir")])
+def test_loaders_refuse_one_string_or_path(make, kw, spec):
+    with pytest.raises(TypeError, match=r"'/some/dir'.*pass resolve_shards\(spec, split\)"):
+        make(spec, batch_size=2, **kw)
+
+
+def test_pin_memory_reaches_the_dataloader(tmp_path):
+    shards = write_shards(tmp_path, "train", [4])
+    for pin in (True, False):
+        assert train_loader(shards, num_samples=4, pin_memory=pin).dataloader().pin_memory is pin
+        assert D.make_eval_loader(shards, batch_size=2, pin_memory=pin).dataloader().pin_memory is pin
+    default = train_loader(shards, num_samples=4).dataloader().pin_memory
+    assert default is torch.cuda.is_available()
+
+
+def test_pinning_keeps_the_batch_dict(monkeypatch):
+    """torch's pin step (no CUDA here: Tensor.pin_memory records) pins every tensor, keeps ids and strides."""
+    pinned = []
+
+    def fake_pin(t, device=None):
+        pinned.append(t)
+        return t.clone(memory_format=torch.preserve_format)
+
+    batch = D.collate([D.decode_sample(make_sample(i), ENCODER) for i in range(2)])
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = torch.utils.data._utils.pin_memory.pin_memory(batch)
+    assert out["sample_id"] == ["img_000000", "img_000001"]
+    assert len(pinned) == 4 and all(
+        out[k] is not batch[k] for k in ("images", "view_mask", "label", "latlon")
+    )
+    assert out["images"].stride() == batch["images"].stride()  # still channels-last
 
 
 def test_eval_loader_every_sample_once_across_ranks_and_workers(tmp_path):
