@@ -207,9 +207,23 @@ FUSIONS = {
 # ----------------------------------------------------------------------------- heads
 
 
+class Fp32Linear(nn.Linear):
+    """A head's last Linear, computed and returned in fp32 under autocast and with bf16 weights.
+
+    bf16 has 8 mantissa bits: a bf16 longitude moves in 0.5 degree steps (~40 km), and logits that
+    differ by less than a step tie in the top-5. The layer is tiny, so fp32 costs nothing. Same
+    parameter names as ``nn.Linear``, and a module call, so ZeRO-3 still gathers its weights.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out) fp32
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 def state_head(dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
     head = nn.Sequential(
-        nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), Fp32Linear(hidden, num_classes)
     )
     nn.init.normal_(head[-1].weight, std=1e-3)  # small last layer: near-uniform logits at the start
     nn.init.zeros_(head[-1].bias)
@@ -218,14 +232,15 @@ def state_head(dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Se
 
 def gps_head(dim: int, hidden: int) -> nn.Sequential:
     head = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden // 2), nn.GELU())
-    head.append(nn.Linear(hidden // 2, 2))
+    head.append(Fp32Linear(hidden // 2, 2))
     nn.init.normal_(head[-1].weight, std=1e-3)  # starts at the centre of the box
     nn.init.zeros_(head[-1].bias)
     return head
 
 
 def bound_latlon(z: torch.Tensor) -> torch.Tensor:
-    """Unbounded (B, 2) -> (lat, lon) degrees inside LAT_RANGE x LON_RANGE via tanh."""
+    """Unbounded (B, 2) -> (lat, lon) degrees inside LAT_RANGE x LON_RANGE via tanh, at least in fp32."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 degrees come in 0.25-1 degree steps
     lo = z.new_tensor([LAT_RANGE[0], LON_RANGE[0]])
     hi = z.new_tensor([LAT_RANGE[1], LON_RANGE[1]])
     return (lo + hi) / 2 + (hi - lo) / 2 * torch.tanh(z)

@@ -13,6 +13,7 @@ from geoloc.model import (
     ModelOutput,
     backbone_blocks,
     backbone_from_config,
+    bound_latlon,
     build_model,
     enable_gradient_checkpointing,
     load_backbone,
@@ -368,3 +369,75 @@ def test_loading_a_full_clip_dir_does_not_print_the_text_tower_report(tiny_clip_
     out = capsys.readouterr()
     assert "UNEXPECTED" not in out.out + out.err + caplog.text
     assert hf_logging.get_verbosity() == before  # restored for the caller
+
+
+def _spread_gps_head(model):
+    """Trained-like GPS head: predictions spread over the box instead of sitting at its centre."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.gps_head[-1].weight.normal_(std=0.5)
+        model.state_head[-1].weight.normal_(std=0.5)
+    return model
+
+
+def _linear64(layer, x):
+    return torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+
+
+def _last_layer_inputs(model, emb, mask):
+    """forward_head under CPU bf16 autocast (CUDA autocast's dtypes) + the inputs of both last Linears."""
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):  # returns None: the output is left as it is
+            seen[name] = args[0]
+
+        return hook
+
+    hooks = [model.gps_head[-1].register_forward_hook(keep("gps"))]
+    hooks.append(model.state_head[-1].register_forward_hook(keep("state")))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_head(emb, mask)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def test_heads_output_fp32_under_bf16_autocast(tiny_clip_dir):
+    """bf16 lat/lon moves in 0.25-1 degree steps (tens of km): the last Linears and the box run in fp32."""
+    model = _spread_gps_head(build_model(_cfg(tiny_clip_dir), C).eval())
+    emb, mask = torch.randn(64, V, model.embed_dim), torch.ones(64, V, dtype=torch.bool)
+    out, seen = _last_layer_inputs(model, emb, mask)
+    assert out.gps.dtype == torch.float32 and out.logits.dtype == torch.float32
+    # fp64 reference of the last stage from the (bf16-autocast) hidden activations the head really saw
+    with torch.no_grad():
+        want_gps = bound_latlon(_linear64(model.gps_head[-1], seen["gps"]))
+        want_logits = _linear64(model.state_head[-1], seen["state"])
+    assert want_gps[:, 1].max() - want_gps[:, 1].min() > 20  # really spread: bf16 steps there are 0.5 deg
+    torch.testing.assert_close(out.gps.double(), want_gps, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.logits.double(), want_logits, rtol=0, atol=1e-5)
+
+
+def test_gps_under_bf16_autocast_follows_the_fp32_forward(tiny_clip_dir):
+    """Same fp32 view embeddings: the autocast head differs only by its bf16 hidden layers, not by rounding."""
+    model = build_model(_cfg(tiny_clip_dir), C).eval()  # fresh head: predictions near the box centre
+    emb, mask = torch.randn(64, V, model.embed_dim), torch.ones(64, V, dtype=torch.bool)
+    with torch.no_grad():
+        want = model.forward_head(emb, mask).gps
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.forward_head(emb, mask).gps
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+
+
+def test_heads_output_fp32_from_a_bf16_model(tiny_clip_dir):
+    """DeepSpeed bf16 casts the weights themselves (no autocast): lat/lon and logits still come out fp32."""
+    model = _spread_gps_head(build_model(_cfg(tiny_clip_dir), C).eval())
+    emb, mask = torch.randn(64, V, model.embed_dim), torch.ones(64, V, dtype=torch.bool)
+    with torch.no_grad():
+        want = model.bfloat16().float().forward_head(emb, mask)  # bf16-rounded weights, fp32 throughout
+        got = model.bfloat16().forward_head(emb.bfloat16(), mask)
+    assert got.gps.dtype == torch.float32 and got.logits.dtype == torch.float32
+    off_grid = got.gps != got.gps.bfloat16().float()  # bf16 lat/lon would all sit on the bf16 grid
+    assert off_grid.float().mean() > 0.9
+    torch.testing.assert_close(got.gps, want.gps, rtol=0, atol=0.5)  # bf16 hidden layers: ~0.15 deg
