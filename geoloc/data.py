@@ -402,14 +402,14 @@ class Loader:
         n = 0
         for n, batch in enumerate(islice(self.dataloader(), self.num_batches), start=1):
             yield batch
+        stats = self.stats.as_dict()
+        if stats["tar_errors"] or stats["bad_views"]:
+            log.warning("data: unreadable shard data or views were skipped: %s", self.stats)
         if self.num_batches is not None and n < self.num_batches:
             raise RuntimeError(
                 f"train data ran dry after {n} of {self.num_batches} batches: no readable sample in a "
                 f"full pass over this rank's shards {self.shards}; see the warnings above"
             )
-        stats = self.stats.as_dict()
-        if stats["tar_errors"] or stats["bad_views"]:
-            log.warning("data: unreadable shard data or views were skipped: %s", self.stats)
 
 
 def _shard_list(shards) -> list[str]:
