@@ -73,7 +73,16 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # per rank, per step
+    # Batch sizes count places (4 views each) per rank and forward; an optimiser update sees
+    # batch x accumulation x ranks places. Phase 1 without the embedding cache (no-grad backbone):
+    batch_size: int = 32
+    grad_accum: int = 1  # phase 1, cached (frozen_batch_size) or not (batch_size)
+    # Phase 2 gets its own, smaller batch: backward through ViT-L/14-336 keeps ~0.64 GB of bf16 activations
+    # per image, so 32 places x 4 views = 128 images would need ~80 GB per GPU. 8 places (32 images,
+    # ~20 GB) fit a 40 GB A100 beside weights and optimiser state, and accumulating 4 keeps 32 places per
+    # rank and update. Chosen over gradient checkpointing, which fits too but costs ~1/3 more compute.
+    finetune_batch_size: int = 8
+    finetune_grad_accum: int = 4
     eval_batch_size: int = 64
     epochs_frozen: int = 5  # phase 1: heads only, backbone frozen
     epochs_finetune: int = 2  # phase 2: backbone (or its last N blocks) unfrozen
@@ -82,7 +91,6 @@ class TrainConfig:
     layer_decay: float = 1.0  # <1: earlier backbone blocks get lr * decay**depth
     unfreeze_last_n: int = 0  # 0 = unfreeze the whole backbone in phase 2
     weight_decay: float = 0.01
-    grad_accum: int = 1
     warmup_ratio: float = 0.05  # share of optimiser updates spent in linear warm-up
     clip_grad: float = 1.0
     ema_decay: float = 0.0  # 0 = off
@@ -94,6 +102,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     patience: int = 3  # early stopping, in epochs without val improvement (0 = off)
     log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "finetune_batch_size", "finetune_grad_accum",
+                     "eval_batch_size", "frozen_batch_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
 
 
 @dataclass
@@ -122,6 +136,8 @@ PRESETS: dict[str, list[str]] = {
         "data.shuffle_buffer=64",
         "data.num_workers=1",
         "train.batch_size=8",
+        "train.finetune_batch_size=4",
+        "train.finetune_grad_accum=1",
         "train.eval_batch_size=16",
         "train.frozen_batch_size=32",
         "train.epochs_frozen=2",

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 # grad accumulation, periodic checkpoints and EMA, so the resume test has all of them to restore.
 # Phase 1 (cache): 36 rows / batch 32 = 2 batches, accum 2 -> 1 update an epoch, 2 epochs: steps 1-2.
-# Phase 2: 36 / 4 = 9 batches, accum 2 -> updates after batches 2, 4, 6, 8, 9: steps 3-7.
+# Phase 2: 36 / 4 = 9 batches, accum 2 -> updates after batches 2, 4, 6, 8, 9 (a short window): steps 3-7.
 OVERRIDES = (
-    "train.grad_accum=2", "train.batch_size=4", "train.save_every_steps=2", "train.ema_decay=0.5",
-    "train.keep_checkpoints=5",
+    "train.grad_accum=2", "train.finetune_batch_size=4", "train.finetune_grad_accum=2",
+    "train.save_every_steps=2", "train.ema_decay=0.5", "train.keep_checkpoints=5",
 )  # fmt: skip
 TOTAL_STEPS = 7
 

@@ -110,8 +110,13 @@ def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monke
     from geoloc.train.loop import compute_loss
     from geoloc.train.phases import cached_forward, frozen_phase, pixel_forward
 
+    real_tqdm, bars = cache.tqdm, []
+    monkeypatch.setattr(
+        cache, "tqdm", lambda it, **kw: (bars.append((kw["desc"], kw["total"])), real_tqdm(it, **kw))[1]
+    )
     ctx = make_ctx()
     cached = frozen_phase(ctx, build_geo_model(ctx, None))  # computes and saves the cache
+    assert bars == [("embed train", 3), ("embed val", 1)]  # bars with totals: ceil(36 / 16), ceil(12 / 16)
     direct_ctx = replace(ctx, cfg=replace(ctx.cfg, train=replace(ctx.cfg.train, cache_embeddings=False)))
     direct = frozen_phase(direct_ctx, build_geo_model(direct_ctx, None))
     batch = next(iter(make_eval_loader(ctx.shards["train"], batch_size=8, encoder=ctx.labels.encoder)))
@@ -214,11 +219,14 @@ def test_deepspeed_config_gets_batch_sizes_buckets_and_zero3_gathering():
 
     ds = {
         "train_micro_batch_size_per_gpu": 256,
+        "gradient_accumulation_steps": 2,
         "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
     }
     ctx, _ = _fake_ctx(patience=0, zero_stage=3, ds_config=ds)
-    configure_deepspeed(ctx, batch_size=8, hidden_size=32)  # a second engine: earlier values are replaced
-    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 8 * 2 * 4
+    # a second engine (phase 2, its own accumulation): the first engine's values are replaced
+    configure_deepspeed(ctx, batch_size=8, grad_accum=3, hidden_size=32)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 8 * 3 * 4
     assert ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
@@ -230,4 +238,164 @@ def test_deepspeed_json_with_its_own_scheduler_or_optimizer_is_refused(key):
 
     ctx, _ = _fake_ctx(patience=0, zero_stage=2, ds_config={key: {"type": "X"}, "zero_optimization": {}})
     with pytest.raises(TrainingError, match=f"defines a '{key}'"):
-        configure_deepspeed(ctx, batch_size=8, hidden_size=32)
+        configure_deepspeed(ctx, batch_size=8, grad_accum=1, hidden_size=32)
+
+
+# ----------------------------------------------------------------------------- launch warnings
+
+
+def test_fp32_deepspeed_on_gpu_is_warned_with_the_launch_flag():
+    from accelerate.utils import DistributedType as DT
+
+    from geoloc.train.context import precision_warning
+
+    message = precision_warning(str(DT.DEEPSPEED), "cuda", "no")
+    assert message and "--mixed_precision bf16" in message
+    assert precision_warning(str(DT.DEEPSPEED), "cuda", "bf16") is None
+    assert precision_warning(str(DT.DEEPSPEED), "cpu", "no") is None  # CPU runs are fp32 on purpose
+    assert precision_warning(str(DT.MULTI_GPU), "cuda", "no") is None  # DDP configs set bf16 in the yaml
+
+
+def test_clip_grad_differing_from_the_deepspeed_json_is_warned():
+    from types import SimpleNamespace as NS
+
+    from accelerate.utils import DistributedType as DT
+
+    from geoloc.train.context import clip_warning, launch_warnings
+
+    assert clip_warning(1.0, 1.0) is None and clip_warning(1.0, "auto") is None  # accelerate fills 1.0
+    message = clip_warning(0.5, 1.0)
+    assert "train.clip_grad=0.5" in message and "gradient_clipping=1.0" in message
+    assert "gradient_clipping=0.0" in clip_warning(1.0, None)  # no clipping in the JSON at all
+    # both checks are wired into what make_accelerator logs
+    plugin = NS(deepspeed_config={"gradient_clipping": 2.0})
+    acc = NS(distributed_type=DT.DEEPSPEED, device=torch.device("cuda"), mixed_precision="no",
+             state=NS(deepspeed_plugin=plugin))  # fmt: skip
+    warnings = launch_warnings(load_config(None, ["train.clip_grad=1.0"]), acc)
+    assert len(warnings) == 2 and "--mixed_precision bf16" in warnings[0] and "=2.0" in warnings[1]
+
+
+# ----------------------------------------------------------------------------- phase 2, accumulation, seeds
+
+
+def test_finetune_phase_has_its_own_batch_size_and_accumulation(make_ctx, monkeypatch):
+    import geoloc.predict
+    from geoloc.train.engine import build_geo_model
+    from geoloc.train.phases import finetune_phase
+
+    # 36 train rows: phase 2's 4 a batch -> 9 batches (batch_size 6 would give 6), 3 updates an epoch
+    ctx = make_ctx("train.batch_size=6", "train.grad_accum=2", "train.finetune_batch_size=4",
+                   "train.finetune_grad_accum=3", "train.epochs_finetune=2")  # fmt: skip
+    phase = finetune_phase(ctx, build_geo_model(ctx, None))
+    assert (phase.batch_size, phase.num_batches, phase.grad_accum) == (4, 9, 3)
+    assert ctx.accelerator.gradient_accumulation_steps == 3  # backward divides by phase 2's accumulation
+    assert phase.scheduler.lr_lambdas[0].keywords["total_steps"] == 3 * 2  # updates x epochs
+    batch = next(iter(phase.batches(0)))
+    assert len(batch["sample_id"]) == 4 and batch["images"].shape[0] == 4
+
+    # the validation progress bar knows its length: ceil(12 val samples / eval batch 16) on one rank
+    real, lengths = geoloc.predict.predict, []
+    monkeypatch.setattr(geoloc.predict, "predict", lambda m, loader, *a, **k: (
+        lengths.append(len(loader)), real(m, loader, *a, **k))[1])  # fmt: skip
+    assert 0 <= phase.validate()["score"] <= 1 and lengths == [1]
+
+
+def test_short_last_window_updates_with_the_mean_gradient_of_its_batches(monkeypatch):
+    """grad_accum=3 over 4 batches: updates after batches 3 and 4, each the mean gradient of its window."""
+    from types import SimpleNamespace as NS
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from geoloc.train import loop
+    from geoloc.train.engine import prepare
+
+    updates = []
+
+    class Recording(torch.optim.SGD):  # lr 0: every batch's gradient is taken at the same weights
+        def step(self, closure=None):
+            updates.append(self.param_groups[0]["params"][0].grad.clone())
+            return super().step(closure)
+
+    def loss_of(out, batch):
+        loss = out.pow(2).mean()
+        return loss, torch.stack([loss, loss, loss]).detach()
+
+    monkeypatch.setattr(loop, "compute_loss", lambda ctx, out, batch: loss_of(out, batch))
+    torch.manual_seed(0)
+    xs = torch.randn(4, 2, 3)  # 4 batches of 2 rows
+    module = torch.nn.Linear(3, 1, bias=False)
+    want = []
+    for x in xs:  # each batch's own gradient, by hand
+        (g,) = torch.autograd.grad(module(x).pow(2).mean(), module.weight)
+        want.append(g)
+    ctx = NS(accelerator=Accelerator(cpu=True), is_deepspeed=False, opts=NS(stop_after_steps=0),
+             cfg=load_config(None, ["train.log_every=1", "train.save_every_steps=0"]),
+             checkpoints=NS(latest=lambda: None), tracker=NS(log=lambda record, step: None))  # fmt: skip
+    try:
+        model, optimizer = prepare(ctx, module, Recording(module.parameters(), lr=0.0), 2, 3, 0)
+        phase = loop.Phase(
+            "finetune", 1, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+            lambda epoch: [{"x": x, "sample_id": ["a", "b"]} for x in xs], 4, 2, 3,
+            lambda m, batch: m(batch["x"]), validate=None, full_state=None,
+        )  # fmt: skip
+        state = loop.TrainState("finetune")
+        loop.train_epoch(ctx, phase, state)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert state.step == 2 and len(updates) == 2
+    torch.testing.assert_close(updates[0], torch.stack(want[:3]).mean(0))
+    torch.testing.assert_close(updates[1], want[3])  # a window of 1: not divided by 3
+
+
+def test_ranks_build_the_same_model_then_draw_their_own_crops_and_dropout(tiny_clip_dir):
+    from types import SimpleNamespace as NS
+
+    from accelerate.utils import set_seed
+
+    from geoloc.preprocess import Preprocessor
+    from geoloc.train.context import PHASE_NAMES
+    from geoloc.train.engine import build_geo_model, training_seed
+
+    ctx = NS(cfg=load_config(None, [f"model.backbone={tiny_clip_dir}"]), zero_stage=0,
+             labels=NS(encoder=NS(num_classes=3)))  # fmt: skip
+    augment = Preprocessor(image_size=28, augment=True, min_scale=0.3).train()
+    images = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
+
+    def rank(process_index: int):
+        """What train_phase does on one rank: build with the common seed, then reseed per rank."""
+        weights = build_geo_model(ctx, None).state_dict()
+        set_seed(training_seed(ctx.cfg.train.seed, "finetune", process_index))
+        return weights, augment(images), torch.nn.functional.dropout(torch.ones(256), 0.5)
+
+    (w0, crops0, drop0), (w1, crops1, drop1) = rank(0), rank(1)
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert not torch.equal(crops0, crops1) and not torch.equal(drop0, drop1)
+    _, crops0_again, drop0_again = rank(0)  # reproducible per rank (what --resume relies on)
+    assert torch.equal(crops0, crops0_again) and torch.equal(drop0, drop0_again)
+    seeds = {training_seed(0, phase, r) for phase in PHASE_NAMES for r in range(64)}
+    assert len(seeds) == 2 * 64  # no (phase, rank) pair shares a stream
+
+
+# ----------------------------------------------------------------------------- cache key of a hub backbone
+
+
+def test_cache_key_of_a_hub_backbone_follows_its_cached_snapshot(tmp_path, monkeypatch):
+    """A new hub revision of the same id (refs/main moves) must not reuse the old embeddings."""
+    from huggingface_hub import constants
+
+    def publish(commit: str) -> None:  # the HF cache layout after a download of org/clip at `commit`
+        repo = tmp_path / "models--org--clip"
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = load_config(None, ["model.backbone=org/clip"])
+    pre = {"image_size": 56, "mean": [0.5] * 3, "std": [0.25] * 3}
+    keys = []
+    for commit in ("a" * 40, "b" * 40, "a" * 40):
+        publish(commit)
+        keys.append(cache_key(cfg, pre, {}, torch.float32))
+    assert keys[0] != keys[1] and keys[2] == keys[0]

@@ -5,7 +5,8 @@ With the backbone frozen, its output for a view never changes, so phase 1 trains
 eval loader spread over all ranks (each sample exactly once), gathered by sample id onto every rank,
 sorted by id (so the table does not depend on the number of ranks) and saved under
 ``cfg.train.cache_dir/<key>/<split>.pt``. The key hashes everything the numbers depend on: backbone
-(name and file fingerprint), pooling, input size, mean/std, compute dtype and the shard manifest.
+(name and file fingerprint, or the hub snapshot commit), pooling, input size, mean/std, compute dtype and
+the shard manifest.
 """
 
 from __future__ import annotations
@@ -52,11 +53,23 @@ class EmbeddingTable:
 
 
 def _backbone_fingerprint(backbone: str) -> list:
-    """Names, sizes and mtimes of a local checkpoint's files (a hub id is identified by its name)."""
+    """Names, sizes and mtimes of a local checkpoint's files, or a hub id's snapshot commit."""
     path = Path(backbone)
     if not path.is_dir():
-        return []
+        return ["snapshot", hub_snapshot(backbone)]
     return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in path.iterdir() if f.is_file())
+
+
+def hub_snapshot(repo_id: str) -> str | None:
+    """The commit of the locally cached hub snapshot ``from_pretrained`` loads (``refs/main``), offline.
+
+    The backbone is built before the cache key is needed, so the snapshot is in the HF cache; a new hub
+    revision then gets a new key instead of reusing embeddings of the old weights. None if not cached.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")  # .../snapshots/<commit>/config.json
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def cache_key(cfg, preprocess: dict, manifest: dict, dtype: torch.dtype) -> str:
@@ -93,11 +106,14 @@ def load_table(path: Path) -> EmbeddingTable:
 
 
 @torch.no_grad()
-def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, desc: str, show: bool) -> dict:
-    """This rank's share of a split through ``model.forward_features`` -> dict of CPU tensors and ids."""
+def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, bar: dict) -> dict:
+    """This rank's share of a split through ``model.forward_features`` -> dict of CPU tensors and ids.
+
+    ``bar``: tqdm keywords (desc, total, disable).
+    """
     parts = {"sample_id": [], "emb": [], "view_mask": [], "label": [], "latlon": []}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not show):
+    for batch in tqdm(loader, unit="batch", **bar):
         mask = batch["view_mask"].to(device)  # (B, V)
         pixels = preprocessor(batch["images"].to(device))  # (B, V, 3, S, S)
         with autocast:
@@ -105,6 +121,11 @@ def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, desc:
         for key in ("view_mask", "label", "latlon", "sample_id"):
             parts[key].append(batch[key])
     return parts
+
+
+def eval_batches(count: int, batch_size: int, world_size: int) -> int:
+    """Eval batches per rank for the progress bar: exact for even shards, an estimate otherwise."""
+    return math.ceil(count / (batch_size * world_size))
 
 
 def _cat(chunks: list, fallback: torch.Tensor) -> torch.Tensor:
@@ -159,9 +180,9 @@ def compute_tables(ctx, model, splits: tuple[str, ...]) -> dict[str, EmbeddingTa
             ctx.shards[split], batch_size=cfg.train.eval_batch_size, rank=acc.process_index,
             world_size=acc.num_processes, num_workers=cfg.data.num_workers, encoder=ctx.labels.encoder,
         )  # fmt: skip
-        parts = embed_batches(
-            model, loader, ctx.preprocessor, acc.device, ctx.eval_dtype, f"embed {split}", acc.is_main_process
-        )
+        total = eval_batches(ctx.counts[split], cfg.train.eval_batch_size, acc.num_processes)
+        bar = {"desc": f"embed {split}", "total": total, "disable": not acc.is_main_process}
+        parts = embed_batches(model, loader, ctx.preprocessor, acc.device, ctx.eval_dtype, bar)
         tables[split] = gather_table(acc, parts, model.embed_dim, ctx.num_views)
         if len(tables[split]) != ctx.counts[split]:
             raise RuntimeError(

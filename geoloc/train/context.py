@@ -7,6 +7,7 @@ receive a :class:`RunContext` and never look at argv or global state.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from geoloc.config import Config, config_to_dict, save_config
 from geoloc.labels import LabelEncoder
 
 PHASE_NAMES = ("frozen", "finetune")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -142,8 +145,7 @@ def make_accelerator(cfg: Config, opts: RunOptions):
     # NCCL cannot run on CPU; a single plain process must get no backend at all (no process group)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum,
+    accelerator = Accelerator(  # gradient accumulation is set per phase (geoloc.train.engine.prepare)
         log_with=log_with(opts.report_to),
         project_config=ProjectConfiguration(
             project_dir=str(opts.output_dir), automatic_checkpoint_naming=False
@@ -156,7 +158,45 @@ def make_accelerator(cfg: Config, opts: RunOptions):
             f"{accelerator.num_processes} processes were launched but accelerate set up no distributed "
             "backend (no GPU?); on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..."
         )
+    if accelerator.is_main_process:
+        for warning in launch_warnings(cfg, accelerator):
+            log.warning(warning)
     return accelerator
+
+
+def launch_warnings(cfg: Config, accelerator) -> list[str]:
+    """Launch settings that run, but not as the config or the user most likely meant."""
+    warnings = [precision_warning(str(accelerator.distributed_type), accelerator.device.type,
+                                  accelerator.mixed_precision)]  # fmt: skip
+    if is_deepspeed(accelerator):
+        ds_clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping", 0.0)
+        warnings.append(clip_warning(cfg.train.clip_grad, ds_clip))
+    return [w for w in warnings if w is not None]
+
+
+def precision_warning(distributed_type: str, device_type: str, mixed_precision: str) -> str | None:
+    """A warning when DeepSpeed on GPU would train in fp32 (the shipped ZeRO configs need the flag)."""
+    if distributed_type.endswith("DEEPSPEED") and device_type == "cuda" and mixed_precision == "no":
+        return (
+            "DeepSpeed is training in fp32 (mixed_precision 'no'): about twice the memory and several times "
+            "slower than bf16. The ZeRO configs take their precision from the launcher: "
+            "accelerate launch --config_file accelerate_configs/4xa100_zero2.yaml --mixed_precision bf16 ..."
+        )
+    return None
+
+
+def clip_warning(clip_grad: float, ds_clipping) -> str | None:
+    """A warning when ``train.clip_grad`` differs from the DeepSpeed JSON's ``gradient_clipping``.
+
+    Under DeepSpeed the engine clips (``"auto"`` becomes accelerate's 1.0, absent means no clipping).
+    """
+    effective = 1.0 if ds_clipping == "auto" else float(ds_clipping or 0.0)
+    if effective == float(clip_grad):
+        return None
+    return (
+        f"train.clip_grad={clip_grad} is not used under DeepSpeed: the engine clips gradients to the JSON's "
+        f"gradient_clipping={effective} (0 = off); set the two alike to silence this"
+    )
 
 
 def is_deepspeed(accelerator) -> bool:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from geoloc.train.context import RunContext, TrainingError
+from geoloc.train.context import PHASE_NAMES, RunContext, TrainingError
 from geoloc.train.loop import updates_per_epoch
 
 # ----------------------------------------------------------------------------- modules
@@ -46,7 +46,7 @@ class HeadView(nn.Module):
 # ----------------------------------------------------------------------------- preparing
 
 
-def configure_deepspeed(ctx: RunContext, batch_size: int, hidden_size: int) -> None:
+def configure_deepspeed(ctx: RunContext, batch_size: int, grad_accum: int, hidden_size: int) -> None:
     """Fill what accelerate cannot infer without a prepared DataLoader or a ``model.config``."""
     plugin = ctx.accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
@@ -57,7 +57,8 @@ def configure_deepspeed(ctx: RunContext, batch_size: int, hidden_size: int) -> N
                 "learning rates and steps its own warm-up + cosine schedule)"
             )
     ds["train_micro_batch_size_per_gpu"] = batch_size
-    ds["train_batch_size"] = batch_size * ctx.cfg.train.grad_accum * ctx.accelerator.num_processes
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = batch_size * grad_accum * ctx.accelerator.num_processes
     zero = ds.setdefault("zero_optimization", {})
     auto = {"reduce_bucket_size": hidden_size * hidden_size,
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
@@ -67,14 +68,21 @@ def configure_deepspeed(ctx: RunContext, batch_size: int, hidden_size: int) -> N
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # the export gathers the weights
 
 
-def prepare(ctx: RunContext, module: nn.Module, optimizer, batch_size: int, hidden_size: int):
-    """``accelerator.prepare`` of model + optimiser only (loaders stay unprepared, see geoloc.data)."""
+def prepare(
+    ctx: RunContext, module: nn.Module, optimizer, batch_size: int, grad_accum: int, hidden_size: int
+):
+    """``accelerator.prepare`` of model + optimiser only (loaders stay unprepared, see geoloc.data).
+
+    The phase's ``grad_accum`` goes to the accelerator (``backward`` divides by it) and to the DeepSpeed
+    config (the engine divides by it), since the two phases accumulate differently.
+    """
+    ctx.accelerator.gradient_accumulation_steps = grad_accum
     if ctx.is_deepspeed:
-        configure_deepspeed(ctx, batch_size, hidden_size)
+        configure_deepspeed(ctx, batch_size, grad_accum, hidden_size)
     return ctx.accelerator.prepare(module, optimizer)
 
 
-def make_optimizer(ctx: RunContext, model, num_batches: int, epochs: int):
+def make_optimizer(ctx: RunContext, model, num_batches: int, grad_accum: int, epochs: int):
     """AdamW over the trainable groups (per-group lr) and its warm-up + cosine schedule per update."""
     from geoloc.model import param_groups
     from geoloc.train.schedule import make_scheduler
@@ -82,7 +90,7 @@ def make_optimizer(ctx: RunContext, model, num_batches: int, epochs: int):
     t = ctx.cfg.train
     groups = param_groups(model, t.head_lr, t.backbone_lr, t.weight_decay, t.layer_decay)
     optimizer = torch.optim.AdamW(groups)
-    total = max(1, updates_per_epoch(num_batches, t.grad_accum) * epochs)
+    total = max(1, updates_per_epoch(num_batches, grad_accum) * epochs)
     return optimizer, make_scheduler(optimizer, total, round(t.warmup_ratio * total))
 
 
@@ -125,6 +133,15 @@ def build_geo_model(ctx: RunContext, weights: dict | None):
     if weights is not None:
         model.load_state_dict(weights)
     return model
+
+
+def training_seed(seed: int, phase: str, process_index: int) -> int:
+    """Seed of the global RNGs (dropout, augmentation) for one rank's phase, set AFTER the model is built.
+
+    The model is built with ``seed`` itself, identical on every rank; after that, a shared seed would give
+    every rank the same crop boxes and dropout masks. Distinct for every (phase, rank) below 10000 ranks.
+    """
+    return seed + 10_000 * (PHASE_NAMES.index(phase) + 1) + process_index
 
 
 def gathered_state(ctx: RunContext, prepared) -> dict | None:

@@ -5,8 +5,9 @@ we are), which goes into every checkpoint as JSON. The loop itself knows nothing
 embedding cache; :mod:`geoloc.train.phases` builds the ``Phase`` for each case.
 
 Step semantics: a *batch* is one forward/backward on this rank; an *update* (``step``) is one optimiser
-step after ``train.grad_accum`` batches (the last window of an epoch may be shorter). The scheduler,
-``save_every_steps``, ``log_every`` and ``--stop-after-steps`` count updates.
+step after the phase's ``grad_accum`` batches. The last window of an epoch may be shorter: its losses are
+scaled so that its update, too, is the mean gradient of its batches. The scheduler, ``save_every_steps``,
+``log_every`` and ``--stop-after-steps`` count updates.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Phase:
     batches: Callable[[int], Iterable[dict]]  # epoch -> this rank's batches
     num_batches: int  # batches per epoch on each rank
     batch_size: int  # per rank
+    grad_accum: int  # batches per optimiser update (the accelerator / DeepSpeed engine is set to it)
     forward: Callable[[torch.nn.Module, dict], object]  # (model, batch) -> ModelOutput on the device
     validate: Callable[[], dict]  # -> competition metrics of the val split (same on every rank)
     full_state: Callable[[], dict]  # -> full GeoModel state dict for export (a collective under ZeRO-3)
@@ -89,14 +91,24 @@ def compute_loss(ctx: RunContext, out, batch: dict) -> tuple[torch.Tensor, torch
     return loss, torch.stack([parts["loss"], parts["loss_cls"], parts["loss_gps"]])
 
 
-def train_step(ctx: RunContext, phase: Phase, batch: dict, boundary: bool, where: str) -> torch.Tensor:
-    """Forward/backward of one batch; an optimiser update when ``boundary``. Returns the rank-mean terms."""
+def window_size(i: int, num_batches: int, grad_accum: int) -> int:
+    """Batches in the accumulation window of batch ``i`` (0-based): ``grad_accum``, fewer at the epoch's end."""
+    return min(grad_accum, num_batches - i // grad_accum * grad_accum)
+
+
+def train_step(
+    ctx: RunContext, phase: Phase, batch: dict, window: int, boundary: bool, where: str
+) -> torch.Tensor:
+    """Forward/backward of one batch of a ``window``-batch accumulation window; an optimiser update when
+    ``boundary``. Returns the rank-mean loss terms."""
     acc = ctx.accelerator
     acc.sync_gradients = boundary  # prepared optimisers skip step() and DeepSpeed accumulates until True
     with nullcontext() if boundary else acc.no_sync(phase.model):
         loss, parts = compute_loss(ctx, phase.forward(phase.model, batch), batch)
         parts = check_finite(acc, parts, where, ctx.checkpoints.latest())
-        acc.backward(loss)  # divides by grad_accum (DeepSpeed: the engine does)
+        # backward divides by grad_accum (DeepSpeed: the engine, by the same gradient_accumulation_steps);
+        # a short last window must be divided by its own size to give the mean gradient of its batches
+        acc.backward(loss * (phase.grad_accum / window))
     if boundary:
         if not ctx.is_deepspeed and ctx.cfg.train.clip_grad > 0:  # DeepSpeed clips (JSON gradient_clipping)
             acc.clip_grad_norm_(phase.model.parameters(), ctx.cfg.train.clip_grad)
@@ -148,7 +160,7 @@ class LossMeter:
 
 def train_epoch(ctx: RunContext, phase: Phase, state: TrainState) -> None:
     """Train the rest of ``state.epoch`` (skipping the ``state.batch`` batches already done)."""
-    acc, accum = ctx.accelerator, ctx.cfg.train.grad_accum
+    acc, accum = ctx.accelerator, phase.grad_accum
     phase.model.train()
     meter = LossMeter()
     with progress_bar(phase.num_batches, acc, f"{phase.name} {state.epoch + 1}/{phase.epochs}") as bar:
@@ -156,9 +168,10 @@ def train_epoch(ctx: RunContext, phase: Phase, state: TrainState) -> None:
         for i, batch in enumerate(phase.batches(state.epoch)):
             if i < state.batch:
                 continue  # done before the checkpoint we resumed from: the loaders replay deterministically
+            window = window_size(i, phase.num_batches, accum)
             boundary = (i + 1) % accum == 0 or i + 1 == phase.num_batches
             lrs = group_lrs(phase.scheduler)  # the lrs this update uses (the scheduler moves on in the step)
-            parts = train_step(ctx, phase, batch, boundary, _where(state, i))
+            parts = train_step(ctx, phase, batch, window, boundary, _where(state, i))
             meter.add(parts, len(batch["sample_id"]) * acc.num_processes)
             state.batch = i + 1
             bar.update(1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from geoloc.train.context import PHASE_NAMES, RunContext, RunOptions, TrainingError, prepare_context
+from geoloc.train.context import RunContext, RunOptions, TrainingError, prepare_context
 from geoloc.train.engine import (
     HeadView,
     broadcast_state,
@@ -28,6 +28,7 @@ from geoloc.train.engine import (
     make_optimizer,
     merged_state,
     prepare,
+    training_seed,
 )
 from geoloc.train.loop import Phase, TrainState, run_phase
 from geoloc.train.validation import validate_cached, validate_pixels
@@ -95,6 +96,7 @@ def export_best(
     """Write RUN/model/ from the current (best) weights; every rank calls (ZeRO-3 gathers)."""
     from geoloc.export import save_model_dir, vision_config_dict
 
+    # under DeepSpeed bf16 these are the bf16 module weights, not the fp32 master copy the optimiser holds
     weights = phase.full_state()
     if ctx.accelerator.is_main_process:
         save_model_dir(
@@ -128,8 +130,9 @@ def frozen_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
     else:
         module, batch_size = geo_model, t.batch_size
         num_batches = ctx.counts["train"] // (batch_size * ctx.accelerator.num_processes)
-    optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, t.epochs_frozen)
-    model, optimizer = prepare(ctx, module, optimizer, batch_size, geo_model.backbone.config.hidden_size)
+    optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, t.grad_accum, t.epochs_frozen)
+    hidden = geo_model.backbone.config.hidden_size
+    model, optimizer = prepare(ctx, module, optimizer, batch_size, t.grad_accum, hidden)
     if t.cache_embeddings:
         batches, forward = (
             partial(cached_batches, ctx, tables["train"], batch_size),
@@ -140,25 +143,31 @@ def frozen_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
         batches, forward = partial(loader_batches, ctx, batch_size), partial(pixel_forward, ctx, True)
         validate = partial(validate_pixels, ctx, model)
     return Phase(
-        "frozen", t.epochs_frozen, model, optimizer, scheduler, batches, num_batches, batch_size, forward,
-        validate, full_state=lambda: merged_state(geo_model, gathered_state(ctx, model)),
+        "frozen", t.epochs_frozen, model, optimizer, scheduler, batches, num_batches, batch_size, t.grad_accum,
+        forward, validate, full_state=lambda: merged_state(geo_model, gathered_state(ctx, model)),
     )  # fmt: skip
 
 
 def finetune_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
-    """Phase 2: backbone (or its last N blocks) unfrozen, per-group lrs, optional EMA."""
+    """Phase 2: backbone (or its last N blocks) unfrozen, per-group lrs, optional EMA.
+
+    Its own batch size and accumulation (``train.finetune_*``): backward through the backbone needs far
+    more memory per sample than phase 1.
+    """
     from geoloc.model import set_backbone_trainable
     from geoloc.train.ema import EMA
 
     t = ctx.cfg.train
+    batch_size, accum = t.finetune_batch_size, t.finetune_grad_accum
     set_backbone_trainable(geo_model, t.unfreeze_last_n)
-    num_batches = ctx.counts["train"] // (t.batch_size * ctx.accelerator.num_processes)
-    optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, t.epochs_finetune)
-    model, optimizer = prepare(ctx, geo_model, optimizer, t.batch_size, geo_model.backbone.config.hidden_size)
+    num_batches = ctx.counts["train"] // (batch_size * ctx.accelerator.num_processes)
+    optimizer, scheduler = make_optimizer(ctx, geo_model, num_batches, accum, t.epochs_finetune)
+    hidden = geo_model.backbone.config.hidden_size
+    model, optimizer = prepare(ctx, geo_model, optimizer, batch_size, accum, hidden)
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     return Phase(
-        "finetune", t.epochs_finetune, model, optimizer, scheduler, partial(loader_batches, ctx, t.batch_size),
-        num_batches, t.batch_size, partial(pixel_forward, ctx, False), partial(validate_pixels, ctx, model),
+        "finetune", t.epochs_finetune, model, optimizer, scheduler, partial(loader_batches, ctx, batch_size),
+        num_batches, batch_size, accum, partial(pixel_forward, ctx, False), partial(validate_pixels, ctx, model),
         full_state=lambda: merged_state(geo_model, gathered_state(ctx, model)), ema=ema,
     )  # fmt: skip
 
@@ -169,11 +178,12 @@ def train_phase(
     """Build, (resume,) train and tear down one phase; returns the final full weights on every rank."""
     from accelerate.utils import set_seed
 
-    geo_model = build_geo_model(ctx, weights)
+    geo_model = build_geo_model(ctx, weights)  # the common seed: the same model on every rank
     build = frozen_phase if state.phase == "frozen" else finetune_phase
     phase = build(ctx, geo_model)
-    # the same RNG stream whether or not the embedding cache had to be computed (its DataLoader draws)
-    set_seed(ctx.cfg.train.seed + PHASE_NAMES.index(state.phase) + 1)
+    # reseeded after the build: the same RNG stream whether or not the embedding cache had to be computed
+    # (its DataLoader draws), and each rank its own dropout masks and crops
+    set_seed(training_seed(ctx.cfg.train.seed, state.phase, ctx.accelerator.process_index))
     ctx.phase_objects.scheduler, ctx.phase_objects.ema = phase.scheduler, phase.ema
     if resume_from is not None:
         state = TrainState.from_dict(ctx.checkpoints.load(resume_from))

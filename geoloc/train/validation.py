@@ -73,10 +73,24 @@ def lockstep(loader, ctx: RunContext):
         yield batch if batch is not None else padding_batch(ctx.num_views)
 
 
+class Sized:
+    """An iterable with a length for progress bars (``geoloc.predict`` takes its bar's total from ``len``)."""
+
+    def __init__(self, iterable, length: int):
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def validate_pixels(ctx: RunContext, model) -> dict:
     """Score the val shards through the full model with geoloc.predict (the numbers infer.py reports)."""
     from geoloc.data import make_eval_loader
     from geoloc.predict import evaluate, predict
+    from geoloc.train.cache import eval_batches
 
     acc = ctx.accelerator
     loader = make_eval_loader(
@@ -85,6 +99,7 @@ def validate_pixels(ctx: RunContext, model) -> dict:
     )  # fmt: skip
     if ctx.zero_stage == 3:
         loader = lockstep(loader, ctx)
+    loader = Sized(loader, eval_batches(ctx.counts["val"], ctx.cfg.train.eval_batch_size, acc.num_processes))
     ctx.preprocessor.eval()
     preds = predict(model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype)
     preds = preds.take(preds.sample_id != PAD_ID)
