@@ -308,15 +308,29 @@ def backbone_blocks(model: GeoModel) -> list[nn.Module]:
     return list(model.backbone.vision_model.encoder.layers)
 
 
+def _unused_modules(model: GeoModel) -> list[nn.Module]:
+    """Backbone modules the pooling never reads: mean pooling skips the CLS token's post-layernorm.
+
+    Trainable, they get no gradient and DDP (find_unused_parameters=False) fails at the next step. A
+    projection exists only for projection pooling (``_hf_class``), which uses it.
+    """
+    backbone = model.backbone
+    return [backbone.vision_model.post_layernorm] if backbone.pooling == "mean" else []
+
+
 def _top_modules(model: GeoModel) -> list[nn.Module]:
-    """Backbone modules above the last block: post-layernorm and (when present) the projection."""
-    top = [model.backbone.vision_model.post_layernorm]
+    """Used backbone modules above the last block: post-layernorm and the projection, as pooled."""
     projection = getattr(model.backbone.model, "visual_projection", None)
-    return top + ([projection] if projection is not None else [])
+    top = [model.backbone.vision_model.post_layernorm] + ([projection] if projection is not None else [])
+    unused = _unused_modules(model)
+    return [m for m in top if all(m is not u for u in unused)]
 
 
 def set_backbone_trainable(model: GeoModel, last_n: int | bool | None) -> None:
-    """None/False: frozen; 0 or True: whole backbone; N: last N blocks + post-layernorm + projection."""
+    """None/False: frozen; 0 or True: whole backbone; N: last N blocks + post-layernorm + projection.
+
+    Modules the pooling does not use stay frozen either way (see ``_unused_modules``).
+    """
     if last_n is None or last_n is False:
         trainable = []
     elif last_n is True or last_n == 0:
@@ -328,6 +342,8 @@ def set_backbone_trainable(model: GeoModel, last_n: int | bool | None) -> None:
     model.backbone.requires_grad_(False)
     for module in trainable:
         module.requires_grad_(True)
+    for module in _unused_modules(model):
+        module.requires_grad_(False)
 
 
 def _backbone_depths(model: GeoModel) -> dict[str, int]:

@@ -441,3 +441,17 @@ def test_heads_output_fp32_from_a_bf16_model(tiny_clip_dir):
     off_grid = got.gps != got.gps.bfloat16().float()  # bf16 lat/lon would all sit on the bf16 grid
     assert off_grid.float().mean() > 0.9
     torch.testing.assert_close(got.gps, want.gps, rtol=0, atol=0.5)  # bf16 hidden layers: ~0.15 deg
+
+
+@pytest.mark.parametrize("last_n", [0, 1])
+@pytest.mark.parametrize("pooling", ["projection", "cls", "mean"])
+def test_every_trainable_backbone_parameter_gets_a_gradient(tiny_clip_dir, pooling, last_n):
+    """DDP (find_unused_parameters=False) fails on a trainable parameter the pooling never uses."""
+    model = build_model(_cfg(tiny_clip_dir, pooling=pooling), C).train()
+    set_backbone_trainable(model, last_n)
+    pixels, mask = _inputs()
+    out = model(pixels, mask)
+    (out.logits.sum() + out.gps.sum()).backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("backbone.") for n in trainable)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
