@@ -1,4 +1,4 @@
-"""train.py on two real gloo ranks: DDP, DeepSpeed ZeRO-2 and ZeRO-3, both phases each.
+"""train.py on two real gloo ranks: DDP, DeepSpeed ZeRO-2 and ZeRO-3, both phases each; DDP mean pooling.
 
 Two ranks are checked from what the run writes (``num_processes`` in the exported geoloc.json), since a
 misconfigured launcher silently starts one process. DeepSpeed runs use the shipped
@@ -83,6 +83,18 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     rows = [table.sample_id.index(i) for i in batch["sample_id"]]
     torch.testing.assert_close(table.emb[rows], emb, rtol=1e-4, atol=1e-5)
     assert torch.equal(table.view_mask[rows], batch["view_mask"])
+
+
+def test_ddp_finetunes_a_mean_pooled_backbone(tiny_shards, tiny_clip_dir, tmp_path):
+    """Mean pooling never reads CLS's post-layernorm: trainable, DDP would fail at its 2nd step."""
+    overrides = ("model.pooling=mean", "train.epochs_frozen=0", "train.epochs_finetune=1")
+    args = train_args(tiny_shards, tiny_clip_dir, tmp_path / "run", tmp_path / "cache", *overrides)
+    check(run_train(args, kind="ddp"))
+    meta = export_meta(tmp_path / "run")
+    assert meta["pooling"] == "mean" and meta["extra"]["num_processes"] == 2
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert len(steps) >= 2  # the error comes at the step after the first backward
+    assert [r["val/n"] for r in val_records(tmp_path / "run").values()] == [12]
 
 
 def test_two_processes_without_a_backend_are_refused(tiny_shards, tiny_clip_dir, tmp_path):
