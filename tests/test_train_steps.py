@@ -399,3 +399,22 @@ def test_cache_key_of_a_hub_backbone_follows_its_cached_snapshot(tmp_path, monke
         publish(commit)
         keys.append(cache_key(cfg, pre, {}, torch.float32))
     assert keys[0] != keys[1] and keys[2] == keys[0]
+
+
+def test_data_settings_reach_the_training_preprocessor_and_loader(make_ctx, monkeypatch):
+    """aug_jitter / augment reach the on-device Preprocessor; the manifest's shard counts reach the loader."""
+    import geoloc.data
+    from geoloc.train.phases import loader_batches
+
+    ctx = make_ctx("data.augment=true", "data.aug_jitter=0.25", "data.aug_min_scale=0.6")
+    assert (ctx.preprocessor.augment, ctx.preprocessor.jitter, ctx.preprocessor.min_scale) == (
+        True,
+        0.25,
+        0.6,
+    )
+
+    seen = {}
+    real = geoloc.data.make_train_loader
+    monkeypatch.setattr(geoloc.data, "make_train_loader", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
+    next(iter(loader_batches(ctx, 4, epoch=0)))
+    assert seen["shard_counts"] == ctx.manifest["splits"]["train"]["shards"]  # empty shards get dropped

@@ -114,8 +114,8 @@ def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, bar: 
     parts = {"sample_id": [], "emb": [], "view_mask": [], "label": [], "latlon": []}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for batch in tqdm(loader, unit="batch", **bar):
-        mask = batch["view_mask"].to(device)  # (B, V)
-        pixels = preprocessor(batch["images"].to(device))  # (B, V, 3, S, S)
+        mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V); pinned batches on CUDA
+        pixels = preprocessor(batch["images"].to(device, non_blocking=True))  # (B, V, 3, S, S)
         with autocast:
             parts["emb"].append(model.forward_features(pixels, mask).cpu())  # (B, V, D)
         for key in ("view_mask", "label", "latlon", "sample_id"):

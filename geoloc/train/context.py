@@ -286,7 +286,10 @@ def device_preprocessor(cfg: Config, device, dtype: torch.dtype) -> tuple[dict, 
     from geoloc.preprocess import Preprocessor, preprocess_settings
 
     settings = preprocess_settings(cfg.model.backbone)
-    module = Preprocessor(**settings, augment=cfg.data.augment, min_scale=cfg.data.aug_min_scale, dtype=dtype)
+    module = Preprocessor(
+        **settings, augment=cfg.data.augment, min_scale=cfg.data.aug_min_scale, jitter=cfg.data.aug_jitter,
+        dtype=dtype,
+    )  # fmt: skip
     return settings, module.to(device)
 
 

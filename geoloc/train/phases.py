@@ -58,6 +58,7 @@ def loader_batches(ctx: RunContext, batch_size: int, epoch: int):
         ctx.shards["train"], batch_size=batch_size, num_samples=ctx.counts["train"], epoch=epoch,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, encoder=ctx.labels.encoder,
+        shard_counts=ctx.manifest["splits"][cfg.data.train_split]["shards"],  # drops empty shards
     )  # fmt: skip
     return rng_neutral(loader)
 
@@ -83,8 +84,10 @@ def pixel_forward(ctx: RunContext, frozen_backbone: bool, model, batch: dict):
     if frozen_backbone:
         unwrap(model).backbone.eval()  # as when the cache is built: no dropout in a frozen backbone
     ctx.preprocessor.train()  # augmentation (if configured) during training only
-    pixels = ctx.preprocessor(batch["images"].to(ctx.accelerator.device))  # (B, V, 3, S, S)
-    return model(pixels, batch["view_mask"].to(ctx.accelerator.device))
+    device = ctx.accelerator.device
+    # non_blocking: the loader pins its batches on CUDA, so the copy overlaps with compute
+    pixels = ctx.preprocessor(batch["images"].to(device, non_blocking=True))  # (B, V, 3, S, S)
+    return model(pixels, batch["view_mask"].to(device, non_blocking=True))
 
 
 # ----------------------------------------------------------------------------- export
