@@ -14,7 +14,13 @@ SHORT = ("train.epochs_frozen=1", "train.epochs_finetune=1")
 # validation must survive (every forward there is a collective)
 UNEVEN_EVAL = ("train.eval_batch_size=5",)
 # phase 1: 1 update (cache, 36 rows / (32 x 2 ranks)); phase 2: 36 / (4 x 2) = 4 updates; checkpoint every 2
-ZERO = (*UNEVEN_EVAL, "train.batch_size=4", "train.save_every_steps=2", "train.keep_checkpoints=5")
+ZERO = (
+    *UNEVEN_EVAL,
+    "train.batch_size=4",
+    "train.finetune_batch_size=4",
+    "train.save_every_steps=2",
+    "train.keep_checkpoints=5",
+)
 
 
 def _launch(kind, shards, clip, root, *extra):
