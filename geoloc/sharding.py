@@ -4,12 +4,15 @@
         [--samples-per-shard 1000] [--workers N] [--strict]
 
 Writes ``DIR/{train,val,test}-NNNNNN.tar``; per sample ``<key>.{north,east,south,west}.jpg`` (the
-original bytes, never re-encoded) and ``<key>.json``. Train/val is a seeded split stratified by state.
-A bad training sample (missing/undecodable view, bad coordinate, unknown state, duplicated id) is
-skipped, listed in the manifest and printed (``--strict``: an error instead); a test sample is never
-skipped, its unreadable views are recorded in ``missing_views``. Output bytes depend only on the data
-and the flags, not on ``--workers``. Each shard is written to ``NAME.tmp`` and renamed, the manifest
-last: a directory without ``manifest.json`` is an unfinished run, and rerunning finishes it.
+original bytes, never re-encoded) and ``<key>.json``. Every view is decoded first (in parallel with
+``--workers``); the seeded train/val split stratified by state, the shard plan and the label encoder
+then use only the kept samples, so no shard is empty and every class has a training sample. A bad
+training sample (missing/undecodable view, bad coordinate, unknown state, duplicated id) is skipped,
+listed in the manifest and printed (``--strict``: an error instead); a test sample is never skipped,
+its unreadable views are recorded in ``missing_views``. Output bytes depend only on the data and the
+flags, not on ``--workers``. Each shard is written to ``NAME.tmp`` and renamed, the manifest last (a
+failed run removes its temporaries): a directory without ``manifest.json`` is an unfinished run, and
+rerunning finishes it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import re
 import sys
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ MANIFEST_VERSION = 1
 SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TMP_SUFFIX = ".tmp"
 SHOW_FIRST = 5  # skipped samples printed in full on the console; the manifest lists them all
+CHECK_CHUNK = 16  # samples per worker task while checking: fewer round trips, results still in order
 # skip reasons start with one of these codes (counted in the console summary)
 MISSING_VIEW, BAD_IMAGE, BAD_COORDINATE, UNKNOWN_STATE, DUPLICATE_ID = (
     "missing_view",
@@ -61,23 +66,14 @@ class Sample:
     state_idx: int | None = None
     lat: float | None = None
     lon: float | None = None
+    missing_views: tuple[str, ...] = ()  # a test sample's views found unreadable by the check
 
 
 @dataclass(frozen=True)
 class ShardTask:
     out_dir: str
     name: str  # e.g. "train-000003.tar"
-    samples: tuple[Sample, ...]
-    strict: bool
-
-
-@dataclass
-class ShardResult:
-    name: str
-    count: int
-    states: list[int] = field(default_factory=list)  # state_idx of every kept labelled sample
-    skipped: list[dict] = field(default_factory=list)
-    missing_views: list[dict] = field(default_factory=list)
+    samples: tuple[Sample, ...]  # checked samples only, so never empty
 
 
 # ---------------------------------------------------------------- reading the CSVs
@@ -198,9 +194,7 @@ def stratified_split(
         is_val = np.zeros(len(group), dtype=bool)
         is_val[rng.permutation(len(group))[: counts[state]]] = True
         train += [s for s, v in zip(group, is_val) if not v]
-        val += [
-            Sample(s.sample_id, "val", s.paths, s.state_idx, s.lat, s.lon) for s, v in zip(group, is_val) if v
-        ]
+        val += [replace(s, split="val") for s, v in zip(group, is_val) if v]
     return train, val
 
 
@@ -214,51 +208,72 @@ def plan_shards(samples: list[Sample], split: str, seed: int, per_shard: int) ->
     ]
 
 
-# ---------------------------------------------------------------- checking and writing one shard
+# ---------------------------------------------------------------- checking samples (worker processes)
 
 
-def read_view(path: str | None, view: str) -> tuple[bytes | None, str | None]:
-    """``(bytes, None)`` for an image PIL fully decodes (any mode or format), else ``(None, problem)``."""
+def view_problem(path: str | None, view: str) -> str | None:
+    """None for an image PIL fully decodes (any mode or format), else why not, naming the file."""
     if path is None:
-        return None, f"{MISSING_VIEW}: {view} view: the CSV names no file"
+        return f"{MISSING_VIEW}: {view} view: the CSV names no file"
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        return None, f"{MISSING_VIEW}: {view} view: {path}: {err.strerror or err}"
+        return f"{MISSING_VIEW}: {view} view: {path}: {err.strerror or err}"
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes every pixel: a truncated JPEG fails here, not at open()
     except Exception as err:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, struct.error...
-        return None, f"{BAD_IMAGE}: {view} view: {path}: {type(err).__name__}: {err}"
-    return data, None
+        return f"{BAD_IMAGE}: {view} view: {path}: {type(err).__name__}: {err}"
+    return None
 
 
-def sample_json(sample: Sample, missing: list[str]) -> bytes:
+def check_sample(sample: Sample) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """``(skip reason, ())`` for a labelled sample with a bad view, else ``(None, ((view, problem), ..))``
+    listing a test sample's unreadable views. Returns only text, so workers send back little."""
+    bad = []
+    for view, path in zip(contract.VIEWS, sample.paths):
+        problem = view_problem(path, view)
+        if problem and sample.split != "test":
+            return problem, ()  # the reason names the view and its file
+        if problem:
+            bad.append((view, problem))
+    return None, tuple(bad)
+
+
+# ---------------------------------------------------------------- writing one shard (worker processes)
+
+
+def sample_json(sample: Sample) -> bytes:
     meta = {
         "sample_id": sample.sample_id,
         "state_idx": sample.state_idx,
         "lat": sample.lat,
         "lon": sample.lon,
-        "missing_views": missing,
+        "missing_views": list(sample.missing_views),
     }
     return json.dumps(meta).encode()
 
 
-def sample_members(sample: Sample, strict: bool) -> tuple[list[tuple[str, bytes]], dict | None, list[dict]]:
-    """Tar members of one sample, or a skip entry; plus the missing-view records of a test sample."""
+def view_bytes(path: str) -> bytes:
+    """A checked view's bytes, read again; an error if the file went away since it was checked."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise contract.DataContractError(
+            f"{path}: unreadable ({err.strerror or err}) though it was readable when checked: "
+            "the data root changed during the run; rerun"
+        ) from err
+
+
+def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
+    """Tar members of one checked sample: its readable views (original bytes) and its json."""
     key = contract.sample_key(sample.sample_id)
-    members, missing = [], []
-    for view, path in zip(contract.VIEWS, sample.paths):
-        data, problem = read_view(path, view)
-        if problem is None:
-            members.append((f"{key}.{view}.jpg", data))
-        elif sample.split != "test":
-            entry = skip_entry(sample.sample_id, sample.split, problem)
-            return [], fail_or_skip(strict, entry), []  # the reason names the view and its file
-        else:
-            missing.append({"sample_id": sample.sample_id, "split": "test", "view": view, "reason": problem})
-    members.append((f"{key}.json", sample_json(sample, [m["view"] for m in missing])))
-    return members, None, missing
+    members = [
+        (f"{key}.{view}.jpg", view_bytes(path))
+        for view, path in zip(contract.VIEWS, sample.paths)
+        if view not in sample.missing_views
+    ]
+    return members + [(f"{key}.json", sample_json(sample))]
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -273,7 +288,7 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_atomic(path: Path, write) -> None:
     """``write(file)`` into ``path.tmp``, flush to disk, then rename: ``path`` is never half-written.
 
-    A failed write removes its temporary; one left by a killed process is removed by the next run."""
+    A failed write removes its temporary; one left by a killed worker is removed by ``shard_dataset``."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
@@ -286,58 +301,83 @@ def write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(task: ShardTask) -> ShardResult:
-    """Check every sample of one planned shard and write the kept ones (runs in a worker process)."""
-    result = ShardResult(task.name, 0)
+def write_shard(task: ShardTask) -> str:
+    """Write one planned shard of checked samples; returns its name."""
 
     def write(f):
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for sample in task.samples:
-                members, skipped, missing = sample_members(sample, task.strict)
-                if skipped:
-                    result.skipped.append(skipped)
-                    continue
-                for name, data in members:
+                for name, data in sample_members(sample):
                     add_member(tar, name, data)
-                result.count += 1
-                result.missing_views += missing
-                if sample.state_idx is not None:
-                    result.states.append(sample.state_idx)
 
     write_atomic(Path(task.out_dir) / task.name, write)
-    return result
+    return task.name
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[ShardResult]:
-    """Results in task order whatever ``workers`` is (imap keeps order), with a progress bar."""
-    bar = tqdm(total=sum(len(t.samples) for t in tasks), unit="sample", desc="sharding", disable=not progress)
-    results = []
-    if workers <= 1 or len(tasks) <= 1:
-        results_iter, pool = map(write_shard, tasks), None
-    else:  # spawn: no fork of a parent that may hold torch/OpenMP threads
-        pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
-        results_iter = pool.imap(write_shard, tasks)
+@contextmanager
+def ordered_map(workers: int):
+    """An ``imap(fn, items, chunksize)`` giving results in item order whatever ``workers`` is, so the
+    output never depends on it; the pool is terminated on exit (an error stops the other workers)."""
+    if workers <= 1:
+        yield lambda fn, items, chunksize=1: map(fn, items)
+        return
+    pool = mp.get_context("spawn").Pool(workers)  # spawn: no fork of a parent holding torch/OpenMP threads
     try:
-        for task, result in zip(tasks, results_iter):
-            results.append(result)
-            bar.update(len(task.samples))
+        yield pool.imap
     finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    return results
+        pool.terminate()  # also joins the workers: no one writes after this
+
+
+def check_samples(samples: list[Sample], imap, strict: bool, progress: bool):
+    """``(kept samples, skip entries, missing-view records)``; kept test samples carry their missing
+    views. ``strict`` raises at the first bad labelled sample (in sample order, whatever the workers)."""
+    kept, skipped, missing = [], [], []
+    checks = imap(check_sample, samples, CHECK_CHUNK)
+    bar = tqdm(checks, total=len(samples), unit="sample", desc="checking", disable=not progress)
+    for sample, (problem, bad_views) in zip(samples, bar):
+        if problem:
+            skipped.append(fail_or_skip(strict, skip_entry(sample.sample_id, sample.split, problem)))
+            continue
+        missing += [
+            {"sample_id": sample.sample_id, "split": sample.split, "view": view, "reason": why}
+            for view, why in bad_views
+        ]
+        kept.append(replace(sample, missing_views=tuple(view for view, _ in bad_views)))
+    return kept, skipped, missing
+
+
+def write_shards(out: Path, plan: list[tuple[str, tuple]], imap, progress: bool) -> None:
+    """Replace an earlier run's files in ``out`` by the planned shards (the manifest comes later)."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out, {name for _, (name, _) in plan})
+    tasks = [ShardTask(str(out), name, samples) for _, (name, samples) in plan]
+    with tqdm(
+        total=sum(len(t.samples) for t in tasks), unit="sample", desc="writing", disable=not progress
+    ) as bar:
+        for task, _ in zip(tasks, imap(write_shard, tasks, 1)):
+            bar.update(len(task.samples))
+
+
+def is_temporary(name: str) -> bool:
+    stem = name.removesuffix(TMP_SUFFIX)
+    return name != stem and bool(SHARD_RE.match(stem) or stem == MANIFEST)
+
+
+def remove_temporaries(out_dir: Path) -> None:
+    """Temporaries of a failed run: a worker terminated mid-write cannot remove its own."""
+    for path in out_dir.glob(f"*{TMP_SUFFIX}"):
+        if is_temporary(path.name):
+            path.unlink(missing_ok=True)
 
 
 def remove_stale(out_dir: Path, keep: set[str]) -> None:
     """Drop the manifest, temporaries and shards not in this run's plan; other files are left alone."""
     for path in out_dir.iterdir():
-        name, stem = path.name, path.name.removesuffix(TMP_SUFFIX)
-        stale_shard = SHARD_RE.match(name) and name not in keep
-        temporary = name != stem and (SHARD_RE.match(stem) or stem == MANIFEST)
-        if name == MANIFEST or stale_shard or temporary:
+        stale_shard = SHARD_RE.match(path.name) and path.name not in keep
+        if path.name == MANIFEST or stale_shard or is_temporary(path.name):
             path.unlink()
 
 
@@ -345,39 +385,62 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def summarize(manifest: dict, out_dir: Path) -> list[str]:
-    """Console lines: counts per split, skips per reason code with the first few, missing test views."""
-    splits = manifest["splits"]
-    counts = ", ".join(f"{s} {splits[s]['count']}" for s in SPLITS)
-    lines = [f"wrote {counts} samples in {sum(len(splits[s]['shards']) for s in SPLITS)} shards to {out_dir}"]
-    for key, what in (("skipped", "skipped"), ("missing_views", "test views missing (sample kept)")):
-        entries = manifest[key]
-        if not entries:
-            continue
-        by_code = Counter(e["reason"].split(":")[0] for e in entries)
-        lines.append(f"{len(entries)} {what}: " + ", ".join(f"{c} {n}" for c, n in sorted(by_code.items())))
-        lines += [f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in entries[:SHOW_FIRST]]
-        if len(entries) > SHOW_FIRST:
-            lines.append(f"  ... {len(entries) - SHOW_FIRST} more, all listed in {out_dir / MANIFEST}")
+def entry_lines(entries: list[dict], out_dir: Path) -> list[str]:
+    """One line per entry (sample id, split, reason), the first ``SHOW_FIRST``; the rest counted."""
+    lines = [f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in entries[:SHOW_FIRST]]
+    if len(entries) > SHOW_FIRST:
+        lines.append(f"  ... {len(entries) - SHOW_FIRST} more, all listed in {out_dir / MANIFEST}")
     return lines
 
 
-def build_manifest(root: Path, seed: int, val_fraction: float, encoder: LabelEncoder, plan, results, skipped):
+def problem_lines(manifest: dict, out_dir: Path) -> list[str]:
+    """Skipped samples and missing test views: a count per reason code, then the entries."""
+    lines = []
+    for key, what in (("skipped", "skipped"), ("missing_views", "test views missing (sample kept)")):
+        entries = manifest[key]
+        if entries:
+            by_code = Counter(e["reason"].split(":")[0] for e in entries)
+            codes = ", ".join(f"{c} {n}" for c, n in sorted(by_code.items()))
+            lines += [f"{len(entries)} {what}: {codes}", *entry_lines(entries, out_dir)]
+    return lines
+
+
+def summarize(manifest: dict, out_dir: Path) -> list[str]:
+    splits = manifest["splits"]
+    counts = ", ".join(f"{s} {splits[s]['count']}" for s in SPLITS)
+    shards = sum(len(splits[s]["shards"]) for s in SPLITS)
+    return [f"wrote {counts} samples in {shards} shards to {out_dir}", *problem_lines(manifest, out_dir)]
+
+
+def build_manifest(
+    root: Path, seed: int, val_fraction: float, states: dict[int, str], plan, skipped, missing
+):
+    """The manifest of a planned run: every count and the label encoder are known before writing."""
     splits = {s: {"count": 0, "shards": {}} for s in SPLITS}
-    for (split, _), result in zip(plan, results):
-        splits[split]["count"] += result.count
-        splits[split]["shards"][result.name] = result.count
+    for split, (name, samples) in plan:
+        splits[split]["count"] += len(samples)
+        splits[split]["shards"][name] = len(samples)
+    labels = [s.state_idx for split, (_, samples) in plan if split != "test" for s in samples]
     return {
         "version": MANIFEST_VERSION,
         "data_root": str(root),
         "seed": seed,
         "val_fraction": val_fraction,
         "csv_sha256": file_sha256(root / contract.TRAIN_CSV),
-        "label_encoder": encoder.to_dict(),
+        "label_encoder": LabelEncoder.fit(labels, states).to_dict(),
         "splits": splits,
-        "skipped": skipped + [e for r in results for e in r.skipped],
-        "missing_views": [m for r in results for m in r.missing_views],
+        "skipped": skipped,
+        "missing_views": missing,
     }
+
+
+def require_training_data(manifest: dict, root: Path, out: Path) -> None:
+    """Stop before writing anything when no training sample is left, printing why."""
+    if not manifest["label_encoder"]["state_indices"]:
+        print("\n".join(problem_lines(manifest, out)))
+        raise contract.DataContractError(
+            f"{root / contract.TRAIN_CSV}: no usable training sample (see above)"
+        )
 
 
 def check_args(val_fraction: float, samples_per_shard: int, workers: int) -> None:
@@ -385,6 +448,19 @@ def check_args(val_fraction: float, samples_per_shard: int, workers: int) -> Non
         raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
     if samples_per_shard < 1 or workers < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}, workers={workers}: both must be >= 1")
+
+
+def plan_splits(
+    kept: list[Sample], seed: int, val_fraction: float, per_shard: int
+) -> list[tuple[str, tuple]]:
+    """``(split, (shard name, samples))`` for every shard of the checked samples, in split order."""
+    train, val = stratified_split([s for s in kept if s.split == "train"], val_fraction, seed)
+    test = [s for s in kept if s.split == "test"]
+    return [
+        (split, p)
+        for split, samples in zip(SPLITS, (train, val, test))
+        for p in plan_shards(samples, split, seed, per_shard)
+    ]
 
 
 def shard_dataset(
@@ -397,31 +473,30 @@ def shard_dataset(
     strict: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write the shards and ``manifest.json`` of a data root; returns the manifest."""
+    """Write the shards and ``manifest.json`` of a data root; returns the manifest.
+
+    Every sample is checked first; the split, the shard plan and the label encoder use only the kept
+    ones, so no shard is empty and every class has a training sample. A failed run removes its
+    temporaries and leaves no manifest."""
     check_args(val_fraction, samples_per_shard, workers)
     root, out = Path(data_root).resolve(), Path(out_dir)
     states = contract.read_state_mapping(root)
-    train, skipped = read_train_samples(root, states, strict)
+    train, train_skipped = read_train_samples(root, states, strict)
     test, test_skipped = read_test_samples(root, strict)
-    train, val = stratified_split(train, val_fraction, seed)
-    plan = [
-        (split, p)
-        for split, ss in zip(SPLITS, (train, val, test))
-        for p in plan_shards(ss, split, seed, samples_per_shard)
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale(out, {name for _, (name, _) in plan})
-    tasks = [ShardTask(str(out), name, samples, strict) for _, (name, samples) in plan]
-    results = run_tasks(tasks, workers, progress)
-    labelled = [s for (split, _), r in zip(plan, results) if split != "test" for s in r.states]
-    encoder = LabelEncoder.fit(labelled, states)
-    manifest = build_manifest(root, seed, val_fraction, encoder, plan, results, skipped + test_skipped)
-    print("\n".join(summarize(manifest, out)))
-    if not labelled:
-        raise contract.DataContractError(
-            f"{root / contract.TRAIN_CSV}: no usable training sample (see above)"
-        )
+    try:
+        with ordered_map(min(workers, len(train) + len(test))) as imap:
+            kept, image_skipped, missing = check_samples(train + test, imap, strict, progress)
+            plan = plan_splits(kept, seed, val_fraction, samples_per_shard)
+            skipped = train_skipped + image_skipped + test_skipped
+            manifest = build_manifest(root, seed, val_fraction, states, plan, skipped, missing)
+            require_training_data(manifest, root, out)
+            write_shards(out, plan, imap, progress)
+    except BaseException:
+        if out.is_dir():
+            remove_temporaries(out)
+        raise
     write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    print("\n".join(summarize(manifest, out)))
     return manifest
 
 
@@ -461,7 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=1,
-        help="processes that check and write shards in parallel; the output is the same for any number",
+        help="processes that check images and write shards in parallel; the output is the same for any "
+        "number",
     )
     parser.add_argument(
         "--strict",

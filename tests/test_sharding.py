@@ -14,7 +14,7 @@ from PIL import Image
 
 from geoloc import contract, sharding
 from geoloc.labels import LabelEncoder
-from geoloc.sharding import SHARD_RE, read_view, shard_dataset, split_counts, write_atomic
+from geoloc.sharding import SHARD_RE, shard_dataset, split_counts, view_problem, write_atomic
 from geoloc.synth import corrupt_view, generate_dataset, view_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +171,50 @@ def test_split_ignores_csv_row_order(tmp_path):
         assert read_split(tmp_path / "a", split)[0] == read_split(tmp_path / "b", split)[0]
 
 
+def test_a_corrupt_image_counts_as_an_absent_row_in_split_and_labels(tmp_path):
+    """A state with 2 samples at val_fraction 0.5: corrupting its training sample keeps the other in train."""
+    root = small_root(tmp_path / "data", n_train=20, n_test=2)
+    rare = min(set(range(50)) - set(contract.read_train_table(root)["state_idx"].astype(int)))
+    edit_train_csv(
+        root, lambda df: df.__setitem__("state_idx", df["state_idx"].mask(df.index < 2, str(rare)))
+    )
+    kwargs = {"val_fraction": 0.5, "samples_per_shard": 4, "progress": False}
+    shard_dataset(root, tmp_path / "clean", **kwargs)
+    was_train = [sid for sid in ("000000", "000001") if sid in read_split(tmp_path / "clean", "train")[0]]
+    assert len(was_train) == 1  # one each side: the test's premise
+    bad, survivor = was_train[0], ({"000000", "000001"} - set(was_train)).pop()
+    corrupt_view(root, bad, "north", "truncated")
+    manifest = shard_dataset(root, tmp_path / "out", **kwargs)
+    train, val = read_split(tmp_path / "out", "train")[0], read_split(tmp_path / "out", "val")[0]
+    assert survivor in train and survivor not in val and bad not in train | val.keys()
+    train_states = {json.loads(m["json"])["state_idx"] for m in train.values()}
+    val_states = {json.loads(m["json"])["state_idx"] for m in val.values()}
+    encoder = LabelEncoder.from_dict(manifest["label_encoder"])
+    assert set(encoder.state_indices) == train_states >= val_states  # every class has a training point
+    # the same split and shards as a run on the CSV without that row
+    edit_train_csv(root, lambda df: df.drop(df.index[df["sample_id"] == bad], inplace=True))
+    shard_dataset(root, tmp_path / "without", **kwargs)
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "out", split) == read_split(tmp_path / "without", split)
+
+
+def test_no_shard_is_written_empty_when_its_samples_are_bad(tmp_path):
+    root = small_root(tmp_path / "data", n_train=12, n_test=2)
+    kwargs = {"val_fraction": 0.0, "samples_per_shard": 3, "progress": False}
+    shard_dataset(root, tmp_path / "clean", **kwargs)
+    with tarfile.open(tmp_path / "clean" / "train-000001.tar") as tar:
+        doomed = {json.loads(tar.extractfile(m).read())["sample_id"] for m in tar if m.name.endswith(".json")}
+    for sid in doomed:
+        corrupt_view(root, sid, "west", "garbage")
+    manifest = shard_dataset(root, tmp_path / "out", **kwargs)
+    shards = manifest["splits"]["train"]["shards"]
+    assert sorted(shards.values()) == [3, 3, 3] and len(manifest["skipped"]) == 3
+    assert sorted(p.name for p in (tmp_path / "out").glob("train-*.tar")) == sorted(shards)
+    for name, count in shards.items():
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            assert len(tar.getnames()) == 5 * count
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -221,6 +265,20 @@ def test_bad_training_samples_are_skipped_listed_and_printed(tmp_path, capsys):
     assert "000004 (train): bad_coordinate: latitude" in out and "5 more, all listed in" in out
 
 
+def bad_coordinates(root, rows):
+    edit_train_csv(root, lambda df: df.__setitem__("latitude", df["latitude"].where(df.index >= rows, "nan")))
+
+
+def test_no_training_sample_left_is_an_error_before_anything_is_written(tmp_path, capsys):
+    root = small_root(tmp_path / "data", n_train=3, n_test=2)
+    bad_coordinates(root, 2)
+    corrupt_view(root, "000002", "south", "truncated")
+    with pytest.raises(contract.DataContractError, match="no usable training sample"):
+        shard_dataset(root, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert "3 skipped: bad_coordinate 2, bad_image 1" in capsys.readouterr().out
+
+
 def test_image_cells_may_hold_a_path_below_the_data_root(tmp_path):
     root = small_root(tmp_path / "data", n_train=6, n_test=2)
     edit_train_csv(
@@ -268,8 +326,8 @@ def test_a_truncated_jpeg_is_caught_by_decoding_not_by_opening(tmp_path):
     root = generate_dataset(tmp_path, n_train=1, n_test=0, seed=0)  # 256 px: the header survives the cut
     path = corrupt_view(root, "000000", "south", "truncated")
     Image.open(path)  # opening reads only the header and succeeds
-    data, problem = read_view(str(path), "south")
-    assert data is None and problem.startswith("bad_image: south view:") and str(path) in problem
+    problem = view_problem(str(path), "south")
+    assert problem.startswith("bad_image: south view:") and str(path) in problem
 
 
 @pytest.mark.parametrize("kind", ["grayscale", "cmyk", "png"])
@@ -379,6 +437,47 @@ def test_write_atomic_never_leaves_a_partial_file(tmp_path):
     assert not target.exists() and not (tmp_path / "x.tar.tmp").exists()
     write_atomic(target, lambda f: f.write(b"done"))
     assert target.read_bytes() == b"done" and not (tmp_path / "x.tar.tmp").exists()
+
+
+def test_strict_failure_with_workers_leaves_no_temporary(tmp_path):
+    root = small_root(tmp_path / "data", n_train=60, n_test=4)
+    corrupt_view(root, "000001", "south", "garbage")
+    with pytest.raises(contract.DataContractError, match="000001"):
+        shard_dataset(root, tmp_path / "out", strict=True, workers=3, samples_per_shard=6, progress=False)
+    assert not list(tmp_path.glob("out/*.tmp"))
+
+
+def test_a_failed_run_removes_the_temporaries_a_killed_writer_leaves(tmp_path, monkeypatch):
+    root = small_root(tmp_path / "data", n_train=8, n_test=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.tmp").write_text("not ours")
+
+    def killed_writer(path, write):  # a worker terminated mid-write cannot remove its temporary
+        path.with_name(path.name + ".tmp").write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharding, "write_atomic", killed_writer)
+    with pytest.raises(KeyboardInterrupt):
+        shard_dataset(root, out, samples_per_shard=3, progress=False)
+    assert [p.name for p in out.iterdir()] == ["notes.tmp"]
+
+
+def test_a_view_vanishing_after_its_check_is_an_error_naming_it(tmp_path, monkeypatch):
+    root = small_root(tmp_path / "data", n_train=24, n_test=2)
+    real_check = sharding.check_samples
+
+    def check_then_delete(*args):
+        checked = real_check(*args)
+        view_path(root, "000003", "north").unlink()
+        return checked
+
+    monkeypatch.setattr(sharding, "check_samples", check_then_delete)
+    with pytest.raises(
+        contract.DataContractError, match="img_000003_north.jpg: unreadable .* changed during"
+    ):
+        shard_dataset(root, tmp_path / "out", workers=2, samples_per_shard=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not SHARD_RE.match(p.name)) == []
 
 
 # ---------------------------------------------------------------- CLI
