@@ -9,10 +9,10 @@ original bytes, never re-encoded) and ``<key>.json``. Every view is decoded firs
 then use only the kept samples, so no shard is empty and every class has a training sample. A bad
 training sample (missing/undecodable view, bad coordinate, unknown state, duplicated id) is skipped,
 listed in the manifest and printed (``--strict``: an error instead); a test sample is never skipped,
-its unreadable views are recorded in ``missing_views``. Output bytes depend only on the data and the
-flags, not on ``--workers``. Each shard is written to ``NAME.tmp`` and renamed, the manifest last (a
-failed run removes its temporaries): a directory without ``manifest.json`` is an unfinished run, and
-rerunning finishes it.
+its unreadable views are recorded in ``missing_views``. All output bytes, the manifest's included,
+depend only on the data and the flags, not on ``--workers``. Each shard is written to ``NAME.tmp`` and
+renamed, the manifest last (a failed run removes its temporaries): a directory without
+``manifest.json`` is an unfinished run, and rerunning finishes it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TMP_SUFFIX = ".tmp"
 SHOW_FIRST = 5  # skipped samples printed in full on the console; the manifest lists them all
 CHECK_CHUNK = 16  # samples per worker task while checking: fewer round trips, results still in order
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f..>"
 # skip reasons start with one of these codes (counted in the console summary)
 MISSING_VIEW, BAD_IMAGE, BAD_COORDINATE, UNKNOWN_STATE, DUPLICATE_ID = (
     "missing_view",
@@ -212,7 +213,9 @@ def plan_shards(samples: list[Sample], split: str, seed: int, per_shard: int) ->
 
 
 def view_problem(path: str | None, view: str) -> str | None:
-    """None for an image PIL fully decodes (any mode or format), else why not, naming the file."""
+    """None for an image PIL fully decodes (any mode or format), else why not, naming the file.
+
+    The text is deterministic (no object addresses): it goes into ``manifest.json``."""
     if path is None:
         return f"{MISSING_VIEW}: {view} view: the CSV names no file"
     try:
@@ -223,7 +226,9 @@ def view_problem(path: str | None, view: str) -> str | None:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes every pixel: a truncated JPEG fails here, not at open()
     except Exception as err:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, struct.error...
-        return f"{BAD_IMAGE}: {view} view: {path}: {type(err).__name__}: {err}"
+        # e.g. "cannot identify image file <_io.BytesIO object at 0x7f..>": the address changes per run
+        message = OBJECT_REPR.sub("", str(err))
+        return f"{BAD_IMAGE}: {view} view: {path}: {type(err).__name__}: {message}"
     return None
 
 

@@ -380,17 +380,21 @@ def test_bad_arguments_are_rejected(tmp_path):
 # ---------------------------------------------------------------- workers and reruns
 
 
-def test_output_is_identical_for_one_and_two_workers(tmp_path):
+def test_output_and_manifest_bytes_are_identical_for_one_and_two_workers(tmp_path):
     root = small_root(tmp_path / "data", n_train=40, n_test=8)
     corrupt_view(root, "000005", "north", "truncated")  # the skip list must match too
-    one = shard_dataset(
-        root, tmp_path / "one", val_fraction=0.2, samples_per_shard=6, workers=1, progress=False
-    )
-    two = shard_dataset(
-        root, tmp_path / "two", val_fraction=0.2, samples_per_shard=6, workers=2, progress=False
-    )
-    assert one == two and len(one["skipped"]) == 1
+    garbage = corrupt_view(root, "000006", "east", "garbage")  # PIL's message holds an object address
+    test_garbage = corrupt_view(root, "000041", "west", "garbage")
+    kwargs = {"val_fraction": 0.2, "samples_per_shard": 6, "progress": False}
+    one = shard_dataset(root, tmp_path / "one", workers=1, **kwargs)
+    two = shard_dataset(root, tmp_path / "two", workers=2, **kwargs)
+    assert one == two and len(one["skipped"]) == 2 and len(one["missing_views"]) == 1
     assert len(one["splits"]["train"]["shards"]) > 2
+    manifest = (tmp_path / "one" / "manifest.json").read_bytes()
+    assert manifest == (tmp_path / "two" / "manifest.json").read_bytes()
+    assert b" at 0x" not in manifest
+    reasons = [e["reason"] for e in one["skipped"] + one["missing_views"]]
+    assert any(str(garbage) in r for r in reasons) and any(str(test_garbage) in r for r in reasons)
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
 
 
