@@ -145,20 +145,27 @@ def read_train_samples(root: Path, states: dict[int, str], strict: bool) -> tupl
 
 
 def read_test_samples(root: Path, strict: bool) -> tuple[list[Sample], list[dict]]:
-    """Every test row is kept; a repeated id keeps its first row (the submission has one row per id)."""
+    """Every test sample is kept; a repeated id keeps its first row (the submission has one row per id).
+
+    Two different ids with one shard key would lose a test sample: an error naming both."""
     path = root / contract.SAMPLE_SUBMISSION
     rows = contract.read_submission_template(path).to_dict("records")
     dups = duplicate_lines([r["sample_id"] for r in rows])
-    samples, skipped, seen = [], [], set()
+    samples, skipped, first_id = [], [], {}
     for line, row in enumerate(rows, start=2):
         sid, key = str(row["sample_id"]), contract.sample_key(row["sample_id"])
-        if key in seen:
+        if key in first_id and first_id[key] != sid:
+            raise contract.DataContractError(
+                f"{path}, lines {dups[key]}: test sample ids {first_id[key]!r} and {sid!r} both map to "
+                f"shard key {key!r} (characters outside [A-Za-z0-9_-] become '_'); rename one"
+            )
+        if key in first_id:
             reason = (
                 f"{DUPLICATE_ID}: sample_id {sid!r} (key {key!r}) on CSV lines {dups[key]}; first row kept"
             )
             skipped.append(fail_or_skip(strict, skip_entry(sid, "test", reason), f"{path}, line {line}"))
             continue
-        seen.add(key)
+        first_id[key] = sid
         paths = tuple(resolve_image(root, contract.TEST_IMAGES, row[c]) for c in contract.IMAGE_COLUMNS)
         samples.append(Sample(sid, "test", paths))
     return samples, skipped

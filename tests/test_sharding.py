@@ -370,6 +370,16 @@ def test_duplicated_test_id_keeps_the_first_row(tmp_path):
     assert manifest["skipped"][0]["reason"].startswith("duplicate_id")
 
 
+def test_two_test_ids_with_one_shard_key_are_an_error_naming_both(tmp_path):
+    root = small_root(tmp_path / "data", n_train=6, n_test=3)
+    template = pd.read_csv(root / contract.SAMPLE_SUBMISSION, dtype=str)
+    template.loc[0, "sample_id"], template.loc[1, "sample_id"] = "a.b", "a_b"
+    template.to_csv(root / contract.SAMPLE_SUBMISSION, index=False)
+    with pytest.raises(contract.DataContractError, match=r"'a\.b'.*'a_b'") as err:
+        shard_dataset(root, tmp_path / "out", progress=False)
+    assert contract.SAMPLE_SUBMISSION in str(err.value) and "lines [2, 3]" in str(err.value)
+
+
 def test_bad_arguments_are_rejected(tmp_path):
     root = small_root(tmp_path / "data", n_train=2, n_test=1)
     for kwargs in ({"val_fraction": 1.0}, {"val_fraction": -0.1}, {"samples_per_shard": 0}, {"workers": 0}):
