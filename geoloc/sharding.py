@@ -44,7 +44,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TMP_SUFFIX = ".tmp"
-SHOW_FIRST = 5  # skipped samples printed in full on the console; the manifest lists them all
+SHOW_AT_MOST = 50  # skipped samples printed one per line on the console; the manifest lists them all
 CHECK_CHUNK = 16  # samples per worker task while checking: fewer round trips, results still in order
 OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f..>"
 # skip reasons start with one of these codes (counted in the console summary)
@@ -398,10 +398,10 @@ def file_sha256(path: Path) -> str:
 
 
 def entry_lines(entries: list[dict], out_dir: Path) -> list[str]:
-    """One line per entry (sample id, split, reason), the first ``SHOW_FIRST``; the rest counted."""
-    lines = [f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in entries[:SHOW_FIRST]]
-    if len(entries) > SHOW_FIRST:
-        lines.append(f"  ... {len(entries) - SHOW_FIRST} more, all listed in {out_dir / MANIFEST}")
+    """One line per entry (sample id, split, reason), the first ``SHOW_AT_MOST``; the rest counted."""
+    lines = [f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in entries[:SHOW_AT_MOST]]
+    if len(entries) > SHOW_AT_MOST:
+        lines.append(f"  ... and {len(entries) - SHOW_AT_MOST} more (all in {out_dir / MANIFEST})")
     return lines
 
 

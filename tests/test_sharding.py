@@ -262,11 +262,38 @@ def test_bad_training_samples_are_skipped_listed_and_printed(tmp_path, capsys):
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == len(kept)
     out = capsys.readouterr().out
     assert "10 skipped: bad_coordinate 2, bad_image 2, duplicate_id 2, missing_view 2, unknown_state 2" in out
-    assert "000004 (train): bad_coordinate: latitude" in out and "5 more, all listed in" in out
+    lines = out.splitlines()
+    assert all(f"  {e['sample_id']} ({e['split']}): {e['reason']}" in lines for e in manifest["skipped"])
 
 
 def bad_coordinates(root, rows):
     edit_train_csv(root, lambda df: df.__setitem__("latitude", df["latitude"].where(df.index >= rows, "nan")))
+
+
+def test_console_lists_every_skipped_sample_up_to_fifty(tmp_path, capsys):
+    root = small_root(tmp_path / "data", n_train=12, n_test=2)
+    bad_coordinates(root, 6)
+    corrupt_view(root, "000008", "east", "garbage")
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    out = capsys.readouterr().out.splitlines()
+    assert "7 skipped: bad_coordinate 6, bad_image 1" in out
+    listed = [line for line in out if line.startswith("  ")]
+    assert listed == [f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in manifest["skipped"]]
+    assert sorted(e["sample_id"] for e in manifest["skipped"]) == [f"{i:06d}" for i in (0, 1, 2, 3, 4, 5, 8)]
+    assert not any("more" in line for line in out)
+
+
+def test_console_lists_fifty_skipped_samples_then_points_to_the_manifest(tmp_path, capsys):
+    root = small_root(tmp_path / "data", n_train=56, n_test=1, seed=1)
+    bad_coordinates(root, 53)
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    out = capsys.readouterr().out.splitlines()
+    assert "53 skipped: bad_coordinate 53" in out
+    listed = [line for line in out if line.startswith("  ")]
+    assert listed[:50] == [
+        f"  {e['sample_id']} ({e['split']}): {e['reason']}" for e in manifest["skipped"][:50]
+    ]
+    assert listed[50:] == [f"  ... and 3 more (all in {tmp_path / 'out' / 'manifest.json'})"]
 
 
 def test_no_training_sample_left_is_an_error_before_anything_is_written(tmp_path, capsys):
