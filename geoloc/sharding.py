@@ -329,6 +329,11 @@ def write_shard(task: ShardTask) -> str:
 # ---------------------------------------------------------------- the run
 
 
+def default_workers() -> int:
+    """The ``--workers`` default: one process per CPU, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
 @contextmanager
 def ordered_map(workers: int):
     """An ``imap(fn, items, chunksize)`` giving results in item order whatever ``workers`` is, so the
@@ -547,9 +552,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="processes that check images and write shards in parallel; the output is the same for any "
-        "number",
+        default=default_workers(),
+        help="processes that check images and write shards in parallel (default: min(8, CPU count), "
+        "%(default)s here); the output is byte-identical for any number",
     )
     parser.add_argument(
         "--strict",

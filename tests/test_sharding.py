@@ -548,6 +548,13 @@ def test_cli_help_explains_every_flag():
     ):
         assert flag in result.stdout
     assert result.stdout.count("(default:") >= 4
+    assert "min(8, CPU count)" in " ".join(result.stdout.split())
+
+
+def test_cli_workers_default_to_the_cpu_count_up_to_eight(monkeypatch):
+    for cpus, expected in ((2, 2), (64, 8), (None, 1)):
+        monkeypatch.setattr(sharding.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert sharding.parse_args(["--data-root", "d", "--out", "o"]).workers == expected
 
 
 def test_cli_run_and_strict_error(tmp_path):
