@@ -438,12 +438,17 @@ def build_manifest(
         splits[split]["count"] += len(samples)
         splits[split]["shards"][name] = len(samples)
     labels = [s.state_idx for split, (_, samples) in plan if split != "test" for s in samples]
+    sources = {
+        n: file_sha256(root / n)
+        for n in (contract.TRAIN_CSV, contract.SAMPLE_SUBMISSION, contract.STATE_MAPPING)
+    }
     return {
         "version": MANIFEST_VERSION,
         "data_root": str(root),
         "seed": seed,
         "val_fraction": val_fraction,
-        "csv_sha256": file_sha256(root / contract.TRAIN_CSV),
+        "csv_sha256": sources[contract.TRAIN_CSV],  # kept for readers of earlier manifests
+        "source_sha256": sources,
         "label_encoder": LabelEncoder.fit(labels, states).to_dict(),
         "splits": splits,
         "skipped": skipped,

@@ -120,6 +120,19 @@ def test_plain_tar_reads_a_shard(tiny_shards):
     )
 
 
+def test_manifest_hashes_every_source_csv(tmp_path):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    names = (contract.TRAIN_CSV, contract.SAMPLE_SUBMISSION, contract.STATE_MAPPING)
+    before = shard_dataset(root, tmp_path / "a", progress=False)
+    assert before["source_sha256"] == {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
+    assert before["csv_sha256"] == before["source_sha256"][contract.TRAIN_CSV]
+    mapping = pd.read_csv(root / contract.STATE_MAPPING)
+    mapping.assign(state=mapping["state"].str.upper()).to_csv(root / contract.STATE_MAPPING, index=False)
+    after = shard_dataset(root, tmp_path / "b", progress=False)
+    changed = {n for n in names if before["source_sha256"][n] != after["source_sha256"][n]}
+    assert changed == {contract.STATE_MAPPING}
+
+
 # ---------------------------------------------------------------- split
 
 
