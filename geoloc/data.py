@@ -72,11 +72,21 @@ def _is_url(spec: str) -> bool:
     return spec.startswith(_URL_SCHEMES)
 
 
-def resolve_shards(spec: str | list[str], split: str) -> list[str]:
-    """Shard URLs from a directory (``DIR/{split}-*.tar``), a brace pattern, a URL, or a list."""
+def resolve_shards(spec: str | list[str], split: str, manifest: dict | None = None) -> list[str]:
+    """Shard URLs from a directory (``DIR/{split}-*.tar``), a brace pattern, a URL, or a list.
+
+    Remote shards: ``{split}`` in the spec is replaced by the split name, and ``{shard}`` by each shard
+    file name the manifest lists for that split, e.g.
+    ``'pipe:aws s3 cp s3://bucket/shards/{shard} -'`` (train and val then never mix).
+    """
     if isinstance(spec, (list, tuple)):
         return [str(s) for s in spec]
     spec = str(spec)
+    if "{shard}" in spec:
+        if manifest is None:
+            raise ValueError(f"{spec}: a '{{shard}}' template needs the shard manifest (--manifest)")
+        return [spec.replace("{shard}", name) for name in sorted(manifest["splits"][split]["shards"])]
+    spec = spec.replace("{split}", split)
     if os.path.isdir(spec):
         shards = sorted(str(p) for p in Path(spec).glob(f"{split}-*.tar"))
         if not shards:

@@ -41,6 +41,8 @@ from geoloc.labels import LabelEncoder
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+LABELS = "labels.csv"  # beside the manifest: labels of train+val, so a trainer need not stream every tar
+LABEL_COLUMNS = ("split", "sample_id", "state_idx", "lat", "lon")
 MANIFEST_VERSION = 1
 SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TMP_SUFFIX = ".tmp"
@@ -394,7 +396,7 @@ def remove_stale(out_dir: Path, keep: set[str]) -> None:
     """Drop the manifest, temporaries and shards not in this run's plan; other files are left alone."""
     for path in out_dir.iterdir():
         stale_shard = SHARD_RE.match(path.name) and path.name not in keep
-        if path.name == MANIFEST or stale_shard or is_temporary(path.name):
+        if path.name in (MANIFEST, LABELS) or stale_shard or is_temporary(path.name):
             path.unlink()
 
 
@@ -453,7 +455,25 @@ def build_manifest(
         "splits": splits,
         "skipped": skipped,
         "missing_views": missing,
+        "labels_file": LABELS,
     }
+
+
+def labels_table(plan) -> pd.DataFrame:
+    """``split, sample_id, state_idx, lat, lon`` of every labelled sample, in shard order."""
+    rows = [
+        (split, s.sample_id, s.state_idx, s.lat, s.lon)
+        for split, (_, samples) in plan
+        if split != "test"
+        for s in samples
+    ]
+    return pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
+
+
+def write_labels(out: Path, plan) -> None:
+    # repr-exact floats (float_format None) so the trainer's centroids equal those from the shards' JSON
+    table = labels_table(plan)
+    write_atomic(out / LABELS, lambda f: f.write(table.to_csv(index=False).encode()))
 
 
 def require_training_data(manifest: dict, root: Path, out: Path) -> None:
@@ -517,7 +537,8 @@ def shard_dataset(
         if out.is_dir():
             remove_temporaries(out)
         raise
-    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    write_labels(out, plan)
+    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))  # last
     print("\n".join(summarize(manifest, out)))
     return manifest
 

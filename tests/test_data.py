@@ -579,3 +579,23 @@ def test_generated_odd_views_end_to_end(tmp_path):
 def unbatch(batch: dict) -> list[dict]:
     keys = ("images", "view_mask", "label", "latlon", "sample_id")
     return [{k: batch[k][i] for k in keys} for i in range(len(batch["sample_id"]))]
+
+
+def test_remote_shard_templates_take_the_split_and_the_manifest_names():
+    """'{shard}' expands to the manifest's shard names of the split; '{split}' to the split name."""
+    from geoloc.data import resolve_shards
+
+    manifest = {"splits": {"train": {"shards": {"train-000001.tar": 5, "train-000000.tar": 7}},
+                           "val": {"shards": {"val-000000.tar": 3}}}}  # fmt: skip
+    spec = "pipe:aws s3 cp s3://bucket/shards/{shard} -"
+    assert resolve_shards(spec, "train", manifest) == [
+        "pipe:aws s3 cp s3://bucket/shards/train-000000.tar -",
+        "pipe:aws s3 cp s3://bucket/shards/train-000001.tar -",
+    ]
+    assert resolve_shards(spec, "val", manifest) == ["pipe:aws s3 cp s3://bucket/shards/val-000000.tar -"]
+    with pytest.raises(ValueError, match="manifest"):
+        resolve_shards(spec, "train")
+    assert resolve_shards("https://h/{split}-{000000..000001}.tar", "val") == [
+        "https://h/val-000000.tar",
+        "https://h/val-000001.tar",
+    ]

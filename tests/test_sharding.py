@@ -599,3 +599,20 @@ def test_cli_run_and_strict_error(tmp_path):
         run_cli("--data-root", str(root), "--out", str(tmp_path / "o3"), "--val-fraction", "1").returncode
         == 2
     )
+
+
+def test_labels_file_matches_the_shards_json_exactly(tiny_shards):
+    """labels.csv beside the manifest holds every train/val label as the shards' JSON do (floats exact)."""
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    table = pd.read_csv(tiny_shards / manifest["labels_file"], dtype={"sample_id": str})
+    from_tars = {}
+    for split in ("train", "val"):
+        for path in sorted(tiny_shards.glob(f"{split}-*.tar")):
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".json"):
+                        meta = json.load(tar.extractfile(m))
+                        from_tars[meta["sample_id"]] = (split, meta["state_idx"], meta["lat"], meta["lon"])
+    from_csv = {r.sample_id: (r.split, r.state_idx, r.lat, r.lon) for r in table.itertuples(index=False)}
+    assert from_csv == from_tars
+    assert len(table) == manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]

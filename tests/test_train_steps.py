@@ -5,6 +5,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -418,3 +419,37 @@ def test_data_settings_reach_the_training_preprocessor_and_loader(make_ctx, monk
     monkeypatch.setattr(geoloc.data, "make_train_loader", lambda *a, **k: (seen.update(k), real(*a, **k))[1])
     next(iter(loader_batches(ctx, 4, epoch=0)))
     assert seen["shard_counts"] == ctx.manifest["splits"]["train"]["shards"]  # empty shards get dropped
+
+
+def test_labels_come_from_labels_csv_without_streaming_the_shards(make_ctx, monkeypatch, tiny_shards):
+    """Start-up reads labels.csv beside the manifest; the shards are streamed only when it is absent."""
+    from geoloc.train import context
+
+    streamed = context.gathered_train_labels
+    monkeypatch.setattr(context, "gathered_train_labels", lambda *a: pytest.fail("streamed the shards"))
+    fast = make_ctx()
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    location = str(tiny_shards / "manifest.json")
+    states, latlon = context.sidecar_labels(manifest, location, "train")
+    from accelerate import Accelerator
+
+    slow_states, slow_latlon = streamed(Accelerator(cpu=True), fast.shards["train"])
+    order, slow_order = np.lexsort(latlon.T), np.lexsort(slow_latlon.T)  # same rows, any order
+    np.testing.assert_array_equal(states[order], slow_states[slow_order])
+    np.testing.assert_array_equal(latlon[order], slow_latlon[slow_order])  # exact floats
+    assert context.sidecar_labels(manifest, str(tiny_shards / "elsewhere" / "manifest.json"), "train") is None
+
+
+def test_remote_style_shard_template_with_an_explicit_manifest(tiny_clip_dir, tiny_shards, tmp_path):
+    """--shards '<prefix>/{shard}' --manifest FILE: train and val get their own shards from the manifest."""
+    from geoloc.train.context import shard_lists
+
+    cfg = load_config(None, [f"model.backbone={tiny_clip_dir}"], preset="smoke")
+    spec, manifest_path = f"file:{tiny_shards}/{{shard}}", str(tiny_shards / "manifest.json")
+    shards, counts, manifest, _ = shard_lists(cfg, spec, manifest_path)
+    assert [u.rsplit("/", 1)[1] for u in shards["val"]] == sorted(manifest["splits"]["val"]["shards"])
+    assert (
+        all("/train-" in u for u in shards["train"]) and counts["val"] == manifest["splits"]["val"]["count"]
+    )
+    with pytest.raises(Exception, match="--manifest"):
+        shard_lists(cfg, "pipe:cat /nowhere/{shard}")

@@ -37,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--shards",
         required=True,
         metavar="DIR",
-        help="shard directory written by shard_dataset.py (holds manifest.json and the "
-        "train-/val- tar shards); a brace pattern or URL prefix WebDataset understands also works",
+        help="shard directory written by shard_dataset.py (holds manifest.json, labels.csv and the "
+        "train-/val- tar shards); for remote shards a template WebDataset can open, where {shard} "
+        "becomes each shard name the manifest lists, e.g. 'pipe:aws s3 cp s3://bucket/shards/{shard} -' "
+        "(with --manifest)",
+    )
+    p.add_argument(
+        "--manifest",
+        metavar="PATH_OR_URL",
+        help="the shards' manifest.json when it is not beside them (any path or URL WebDataset opens)",
     )
     p.add_argument(
         "--output-dir",
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         init_from=args.init_from,
         report_to=args.report_to,
         stop_after_steps=args.stop_after_steps,
+        manifest=args.manifest,
     )
     try:
         run(cfg, opts)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from geoloc.config import Config, config_to_dict, save_config
@@ -43,6 +44,7 @@ class RunOptions:
     init_from: Path | None = None  # an exported model directory to start from
     report_to: str = "none"  # none | wandb
     stop_after_steps: int = 0  # >0: stop abruptly after this many optimiser updates (tests)
+    manifest: str | None = None  # manifest.json when the shards are URLs (default: beside the shards)
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -237,6 +239,27 @@ def scan_labels(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(states, dtype=np.int64), np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
 
 
+def sidecar_labels(manifest: dict, location: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The split's labels from ``labels.csv`` beside a local manifest (written by shard_dataset.py)."""
+    name = manifest.get("labels_file")
+    path = Path(location).parent / name if name and Path(location).is_file() else None
+    if path is None or not path.is_file():
+        return None
+    table = pd.read_csv(path, dtype={"sample_id": str})
+    table = table[table["split"] == split]
+    return table["state_idx"].to_numpy(np.int64), table[["lat", "lon"]].to_numpy(np.float64)
+
+
+def train_labels(accelerator, manifest: dict, location: str, split: str, urls: list[str]):
+    """Train labels ``(N,)``, ``(N, 2)``: from labels.csv when it is there (cheap), else streamed from the
+    shards' JSON members (every train tar read once, spread over the ranks)."""
+    found = sidecar_labels(manifest, location, split)
+    expected = manifest["splits"][split]["count"]
+    if found is not None and len(found[0]) == expected:
+        return found
+    return gathered_train_labels(accelerator, urls)
+
+
 def gathered_train_labels(accelerator, urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """:func:`scan_labels` with the shards spread over the ranks, gathered on every rank."""
     from accelerate.utils import gather_object
@@ -263,22 +286,46 @@ def label_tables(encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) 
 # ----------------------------------------------------------------------------- data
 
 
-def shard_lists(cfg: Config, spec: str) -> tuple[dict[str, list[str]], dict[str, int], dict]:
-    """Train/val shard urls, sample counts and the manifest (which must sit beside the shards)."""
-    from geoloc.data import read_manifest, resolve_shards
+def manifest_location(spec: str, manifest: str | None) -> str | None:
+    """Where manifest.json is: given explicitly (any path or URL), else beside local shards."""
+    if manifest:
+        return manifest
+    folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+    return str(folder / "manifest.json") if (folder / "manifest.json").is_file() else None
 
-    manifest = read_manifest(spec)
-    if manifest is None:
-        raise TrainingError(f"{spec}: no manifest.json beside the shards (write them with shard_dataset.py)")
+
+def read_json_url(url: str) -> dict:
+    """A JSON file from a local path or any URL WebDataset opens (``pipe:``, ``https://``)."""
+    import webdataset as wds
+
+    try:
+        with wds.gopen(url) as stream:
+            return json.loads(stream.read())
+    except Exception as err:  # noqa: BLE001 - every failure is reported with the URL
+        raise TrainingError(f"{url}: cannot read the shard manifest ({type(err).__name__}: {err})") from None
+
+
+def shard_lists(cfg: Config, spec: str, manifest_url: str | None = None):
+    """-> train/val shard urls, sample counts, the manifest and where it was read from."""
+    # the manifest sits beside local shards, or comes from --manifest (a path or URL) for remote shards
+    from geoloc.data import resolve_shards
+
+    location = manifest_location(spec, manifest_url)
+    if location is None:
+        raise TrainingError(
+            f"{spec}: no manifest.json beside the shards; write them with shard_dataset.py, or pass "
+            "--manifest PATH_OR_URL when the shards are URLs"
+        )
+    manifest = read_json_url(location)
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
     shards, counts = {}, {}
     for role, split in splits.items():
         try:
-            shards[role] = resolve_shards(spec, split)
-        except FileNotFoundError as err:
+            shards[role] = resolve_shards(spec, split, manifest)
+        except (FileNotFoundError, ValueError) as err:
             raise TrainingError(str(err)) from None
         counts[role] = int(manifest["splits"][split]["count"])
-    return shards, counts, manifest
+    return shards, counts, manifest, location
 
 
 def device_preprocessor(cfg: Config, device, dtype: torch.dtype) -> tuple[dict, torch.nn.Module]:
@@ -308,9 +355,10 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
     run_dir = Path(opts.output_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-    shards, counts, manifest = shard_lists(cfg, opts.shards)
+    shards, counts, manifest, location = shard_lists(cfg, opts.shards, opts.manifest)
     encoder = LabelEncoder.from_dict(manifest["label_encoder"])
-    labels = label_tables(encoder, *gathered_train_labels(accelerator, shards["train"]))
+    states, latlon = train_labels(accelerator, manifest, location, cfg.data.train_split, shards["train"])
+    labels = label_tables(encoder, states, latlon)
     preprocess, preprocessor = device_preprocessor(cfg, accelerator.device, input_dtype(accelerator))
     tracker = MetricsLogger(run_dir, accelerator, opts.report_to, config=config_to_dict(cfg))
     checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints)
