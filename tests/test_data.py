@@ -178,7 +178,7 @@ def test_decode_any_pil_exception_names_the_view(monkeypatch, caplog):
         raise struct.error("unpack requires a buffer of 4 bytes")
 
     s = make_sample(7)
-    monkeypatch.setattr(D.Image, "open", broken_open)
+    monkeypatch.setattr(Image, "open", broken_open)
     stats = D.LoadStats()
     with caplog.at_level(logging.WARNING, logger="geoloc.data"):
         out = D.decode_sample(s, ENCODER, stats)
