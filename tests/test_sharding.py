@@ -15,6 +15,8 @@ from PIL import Image
 from geoloc import contract, sharding
 from geoloc.labels import LabelEncoder
 from geoloc.sharding import SHARD_RE, shard_dataset, split_counts, view_problem, write_atomic
+from geoloc.sharding import workers as shard_workers
+from geoloc.sharding import write as shard_write
 from geoloc.synth import corrupt_view, generate_dataset, view_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -457,7 +459,7 @@ def test_interrupted_run_leaves_no_finished_looking_shard_and_rerun_repairs(tmp_
     (out / "notes.txt").write_text("not ours")
 
     calls = {"n": 0}
-    real_add = sharding.add_member
+    real_add = shard_write.add_member
 
     def dying_add(tar, name, data):
         calls["n"] += 1
@@ -465,7 +467,7 @@ def test_interrupted_run_leaves_no_finished_looking_shard_and_rerun_repairs(tmp_
             raise KeyboardInterrupt
         real_add(tar, name, data)
 
-    monkeypatch.setattr(sharding, "add_member", dying_add)
+    monkeypatch.setattr(shard_write, "add_member", dying_add)
     with pytest.raises(KeyboardInterrupt):
         shard_dataset(root, out, **kwargs)
     monkeypatch.undo()
@@ -511,7 +513,7 @@ def test_a_failed_run_removes_the_temporaries_a_killed_writer_leaves(tmp_path, m
         path.with_name(path.name + ".tmp").write_bytes(b"half a shard")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sharding, "write_atomic", killed_writer)
+    monkeypatch.setattr(shard_write, "write_atomic", killed_writer)
     with pytest.raises(KeyboardInterrupt):
         shard_dataset(root, out, samples_per_shard=3, progress=False)
     assert [p.name for p in out.iterdir()] == ["notes.tmp"]
@@ -566,7 +568,7 @@ def test_cli_help_explains_every_flag():
 
 def test_cli_workers_default_to_the_cpu_count_up_to_eight(monkeypatch):
     for cpus, expected in ((2, 2), (64, 8), (None, 1)):
-        monkeypatch.setattr(sharding.os, "cpu_count", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(shard_workers.os, "cpu_count", lambda cpus=cpus: cpus)
         assert sharding.parse_args(["--data-root", "d", "--out", "o"]).workers == expected
 
 

@@ -1,0 +1,73 @@
+"""Decode every view of every sample before anything is planned or written (in worker processes).
+
+A labelled sample with a missing or undecodable view is skipped (or, ``--strict``, an error); a test
+sample is kept and its unreadable views are recorded. Problem texts name the view and its file and are
+deterministic, since they go into ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from geoloc import contract
+from geoloc.sharding.rows import BAD_IMAGE, MISSING_VIEW, Sample, fail_or_skip, skip_entry
+
+CHECK_CHUNK = 16  # samples per worker task while checking: fewer round trips, results still in order
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f..>"
+
+
+def view_problem(path: str | None, view: str) -> str | None:
+    """None for an image PIL fully decodes (any mode or format), else why not, naming the file.
+
+    The text is deterministic (no object addresses): it goes into ``manifest.json``."""
+    if path is None:
+        return f"{MISSING_VIEW}: {view} view: the CSV names no file"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return f"{MISSING_VIEW}: {view} view: {path}: {err.strerror or err}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes every pixel: a truncated JPEG fails here, not at open()
+    except Exception as err:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, struct.error...
+        # e.g. "cannot identify image file <_io.BytesIO object at 0x7f..>": the address changes per run
+        message = OBJECT_REPR.sub("", str(err))
+        return f"{BAD_IMAGE}: {view} view: {path}: {type(err).__name__}: {message}"
+    return None
+
+
+def check_sample(sample: Sample) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """``(skip reason, ())`` for a labelled sample with a bad view, else ``(None, ((view, problem), ..))``
+    listing a test sample's unreadable views. Returns only text, so workers send back little."""
+    bad = []
+    for view, path in zip(contract.VIEWS, sample.paths):
+        problem = view_problem(path, view)
+        if problem and sample.split != "test":
+            return problem, ()  # the reason names the view and its file
+        if problem:
+            bad.append((view, problem))
+    return None, tuple(bad)
+
+
+def check_samples(samples: list[Sample], imap, strict: bool, progress: bool):
+    """``(kept samples, skip entries, missing-view records)``; kept test samples carry their missing
+    views. ``strict`` raises at the first bad labelled sample (in sample order, whatever the workers)."""
+    kept, skipped, missing = [], [], []
+    checks = imap(check_sample, samples, CHECK_CHUNK)
+    bar = tqdm(checks, total=len(samples), unit="sample", desc="checking", disable=not progress)
+    for sample, (problem, bad_views) in zip(samples, bar):
+        if problem:
+            skipped.append(fail_or_skip(strict, skip_entry(sample.sample_id, sample.split, problem)))
+            continue
+        missing += [
+            {"sample_id": sample.sample_id, "split": sample.split, "view": view, "reason": why}
+            for view, why in bad_views
+        ]
+        kept.append(replace(sample, missing_views=tuple(view for view, _ in bad_views)))
+    return kept, skipped, missing
