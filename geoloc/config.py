@@ -14,6 +14,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+DIST_TIMEOUT_S = 1800.0  # 30 min: longer than any legitimate solo wait (a 3.5 GB checkpoint on slow storage)
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
@@ -33,8 +35,12 @@ class DataConfig:
     augment: bool = False  # on-device random resized crop (no flip: a mirror flips the driving side)
     aug_min_scale: float = 0.8  # smallest crop area fraction when augmenting
     aug_jitter: float = 0.0  # brightness/contrast factors in [1 - j, 1 + j] when augmenting (0 = off)
+    # a shard holding fewer samples than the manifest says (truncated, replaced): "error" stops naming it,
+    # "skip" reads what is there, counts and reports it (training only: val/test must be complete)
+    on_short_shard: str = "error"
 
     def __post_init__(self):
+        _check_choice("data", "on_short_shard", self.on_short_shard, ("error", "skip"))
         if not 0 < self.aug_min_scale <= 1:
             raise ConfigError(f"data.aug_min_scale={self.aug_min_scale}: must be in (0, 1]")
         if not 0 <= self.aug_jitter < 1:  # a factor of 0 or below would blank or invert an image
@@ -102,8 +108,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     patience: int = 3  # early stopping, in epochs without val improvement (0 = off)
     log_every: int = 10
+    # seconds a collective may wait for the other ranks before the job ends (a stopped or hung rank);
+    # longer than any legitimate solo work of one rank (writing a checkpoint, exporting the model)
+    dist_timeout_s: float = DIST_TIMEOUT_S
 
     def __post_init__(self):
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"train.dist_timeout_s={self.dist_timeout_s}: must be > 0")
         for name in ("batch_size", "grad_accum", "finetune_batch_size", "finetune_grad_accum",
                      "eval_batch_size", "frozen_batch_size"):  # fmt: skip
             if getattr(self, name) < 1:

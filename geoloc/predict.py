@@ -2,8 +2,12 @@
 
 Shared by the trainer's validation and by ``infer.py``, so both report identical numbers. Each rank
 predicts the samples its loader yields and keeps them locally; ranks may see different numbers of
-batches, so the only collective is ONE ``gather_object`` at the very end. The gathered rows are sorted
-by sample id and de-duplicated (a sample seen twice must have the same prediction; none is ever lost).
+batches, so the loop holds no collective: the forwards go through :func:`geoloc.distributed.eval_module`
+(no DDP wrapper, whose every forward broadcasts buffers) and the only collective is ONE ``gather_object``
+at the very end. ZeRO-3 partitioned parameters are the exception (every forward gathers them): then the
+ranks run in :func:`geoloc.distributed.lockstep`, idle ranks forwarding a padding sample that is dropped.
+The gathered rows are sorted by sample id and de-duplicated (a sample seen twice must have the same
+prediction; none is ever lost).
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from geoloc.contract import VIEWS
+from geoloc.data.decoding import IMAGE_SIZE
+from geoloc.faults import fault_point
 from geoloc.infer.tta import crop_views
 
 PROB_ATOL = 1e-3  # two copies of one sample may differ by batch-dependent rounding (bf16), not more
+PAD_ID = "__lockstep_padding__"  # the filler sample of an idle rank under lockstep: never kept
 
 
 @dataclass
@@ -168,6 +176,17 @@ def _batch_rows(batch: dict, probs: torch.Tensor, gps: torch.Tensor) -> Predicti
     )
 
 
+def padding_batch(num_views: int = len(VIEWS), size: int = IMAGE_SIZE) -> dict:
+    """One unlabelled sample without views: what an idle rank forwards under lockstep (then dropped)."""
+    return {
+        "images": torch.zeros(1, num_views, 3, size, size, dtype=torch.uint8),
+        "view_mask": torch.zeros(1, num_views, dtype=torch.bool),
+        "label": torch.full((1,), -1, dtype=torch.int64),
+        "latlon": torch.full((1, 2), float("nan")),
+        "sample_id": [PAD_ID],
+    }
+
+
 def _loader_len(loader) -> int | None:
     try:
         return len(loader)
@@ -186,6 +205,7 @@ def predict(
     tta_scales: tuple[float, ...] | None = None,
     progress: bool = True,
     batch_size: int | None = None,
+    total: int | None = None,
 ) -> Predictions:
     """Predict every sample of ``loader`` (this rank's share) and gather all ranks' rows.
 
@@ -195,17 +215,24 @@ def predict(
     A short batch is zero-padded to ``batch_size`` rows (default: the largest batch seen so far): with
     one shape for every forward, a sample's outputs do not depend on which batch it fell in, so 1 and
     N processes give bit-identical predictions.
-    The model's train/eval mode is restored afterwards (the trainer calls this mid-training).
+    The model's train/eval mode is restored afterwards (the trainer calls this mid-training). A wrapped
+    model (DDP, DeepSpeed) is unwrapped first, so that no collective hides in the loop.
     Returns the gathered predictions, sorted by sample id, on every rank.
     """
+    from geoloc.distributed import eval_module, lockstep, needs_lockstep
+
     device = accelerator.device
     dtype = dtype or default_dtype(device)
     scales = tuple(tta_scales or (1.0,))
+    model = eval_module(model)
+    total = total or _loader_len(loader)  # batches of this rank, for the progress bar
+    if needs_lockstep(model):
+        loader = lockstep(loader, accelerator, padding_batch)
     was_training = model.training
     model.eval()
     rows, pad_to = [], batch_size or 0
     bar = tqdm(
-        total=_loader_len(loader),
+        total=total,
         desc="predict",
         unit="batch",
         disable=not (progress and accelerator.is_main_process),
@@ -220,6 +247,7 @@ def predict(
             padded = pad_rows(images, pad_to), pad_rows(view_mask, pad_to)
             probs, gps = forward_probs(model, preprocessor, *padded, scales)
             rows.append(_batch_rows(batch, probs[:n], gps[:n]))
+            fault_point("predict.batch")  # crash tests: one rank dies mid-way
             n_seen += n
             bar.update(1)
             rate = n_seen * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)
@@ -227,6 +255,7 @@ def predict(
     bar.close()
     model.train(was_training)
     local = concat_predictions(rows) if rows else empty_predictions(0)  # a rank may get no batch
+    local = local.take(local.sample_id != PAD_ID)
     return gather_predictions(local, accelerator)
 
 

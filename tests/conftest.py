@@ -32,3 +32,11 @@ def tiny_shards(tiny_data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     shard_dataset(tiny_data_root, out, val_fraction=0.25, seed=0, samples_per_shard=7, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def layouts(tiny_shards, tmp_path_factory):
+    """``{name: shard dir}``: tiny_shards with val and test re-cut as one shard, 7+5, and 7+4+1 samples."""
+    from _layouts import layout_dirs
+
+    return layout_dirs(tiny_shards, tmp_path_factory.mktemp("layouts"))

@@ -82,6 +82,17 @@ def write_shards(folder: Path, split: str, sizes: list[int], start=0, labelled=T
     return paths
 
 
+def write_manifest(folder: Path, sizes: dict[str, list[int]]) -> dict:
+    """A valid manifest.json for shards written by :func:`write_shards` with these sizes per split."""
+    splits = {
+        split: {"count": sum(n), "shards": {f"{split}-{k:06d}.tar": c for k, c in enumerate(n)}}
+        for split, n in sizes.items()
+    }
+    manifest = {"version": 1, "splits": splits, "label_encoder": ENCODER.to_dict()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
 def ids_of(batches) -> list[str]:
     return [sid for b in batches for sid in b["sample_id"]]
 
@@ -504,7 +515,8 @@ def test_loader_stats_count_errors_from_workers(tmp_path):
     )
     batches = list(loader)
     assert len(ids_of(batches)) == 5  # the sample with a bad view is kept
-    assert loader.stats.as_dict() == {"samples": 5, "tar_errors": 0, "missing_views": 0, "bad_views": 1}
+    assert loader.stats.as_dict() == {"samples": 5, "tar_errors": 0, "missing_views": 0, "bad_views": 1,
+                                      "incomplete_samples": 0, "short_shards": 0}  # fmt: skip
 
 
 def test_loader_on_generated_shards(tiny_shards):
@@ -531,7 +543,7 @@ def test_two_gloo_ranks_odd_uneven_shards(tmp_path):
     shards = tmp_path / "shards"
     write_shards(shards, "train", [7, 1, 4, 9, 2])  # 23 samples, odd shard count, uneven sizes
     write_shards(shards, "val", [5, 1, 3], start=1000)  # 9 samples, 3 shards
-    (shards / "manifest.json").write_text(json.dumps({"label_encoder": ENCODER.to_dict()}))
+    write_manifest(shards, {"train": [7, 1, 4, 9, 2], "val": [5, 1, 3]})
     out = tmp_path / "out"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/_loader_worker.py")]

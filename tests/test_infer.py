@@ -362,3 +362,40 @@ def test_encoder_non_consecutive_in_fixture_data(tiny_data_root):
 
     enc = LabelEncoder.fit(read_train_table(tiny_data_root)["state_idx"])
     assert np.any(np.diff(enc.state_indices) > 1)
+
+
+def _relabelled_shards(tiny_shards, tmp_path):
+    """A copy of the shards whose manifest lists a state the model never saw (another data set)."""
+    shards = shutil.copytree(tiny_shards, tmp_path / "other")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    enc = manifest["label_encoder"]
+    unseen = next(i for i in range(50) if i not in enc["state_indices"])
+    enc["state_indices"], enc["state_names"] = enc["state_indices"] + [unseen], enc["state_names"] + ["X"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return shards, unseen
+
+
+def test_eval_on_shards_of_another_label_set_is_refused_up_front(capsys, model_dir, tiny_shards, tmp_path):
+    shards, unseen = _relabelled_shards(tiny_shards, tmp_path)
+    err = run_cli(
+        capsys, "--eval", "--model", model_dir, "--shards", shards, "--out-dir", tmp_path / "r", expect=2
+    )
+    assert f"cannot score states [{unseen}]" in err and "manifest.json" in err
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_predicting_shards_of_another_label_set_warns(capsys, caplog, model_dir, tiny_shards, tmp_path):
+    shards, _ = _relabelled_shards(tiny_shards, tmp_path)
+    run_cli(capsys, "--model", model_dir, "--shards", shards, "--out", tmp_path / "s.csv")
+    assert "differ from the model's" in caplog.text
+
+
+def test_remote_style_shard_template_with_manifest(capsys, model_dir, tiny_shards, tmp_path):
+    """infer reads '{shard}' templates with --manifest, as train.py does; the result equals a local run."""
+    local, remote = tmp_path / "local.csv", tmp_path / "remote.csv"
+    run_cli(capsys, "--model", model_dir, "--shards", tiny_shards, "--out", local)
+    spec, manifest = f"file:{tiny_shards}/{{shard}}", tiny_shards / "manifest.json"
+    run_cli(capsys, "--model", model_dir, "--shards", spec, "--manifest", manifest, "--out", remote)
+    assert local.read_bytes() == remote.read_bytes()
+    err = run_cli(capsys, "--model", model_dir, "--shards", spec, "--out", remote, expect=2)
+    assert "--manifest" in err

@@ -84,3 +84,17 @@ def test_two_process_eval_report_equals_one_process(capsys, model_dir, tiny_shar
     for key in ("score", "cls_score", "gps_score", "top1_acc", "top5_acc", "mean_km", "median_km", "n"):
         assert r2[key] == pytest.approx(r1[key], abs=1e-9), key
     assert r2["confusion"] == r1["confusion"]
+
+
+def test_a_rank_that_raises_mid_prediction_ends_the_job(model_dir, tiny_shards, tmp_path):
+    """Rank 1 fails after its first batch while rank 0 goes on to the gather: the launcher ends both."""
+    from _train_helpers import launch, launcher
+
+    prefix, extra = launcher("ddp", 2)
+    cmd = prefix + [str(ROOT / "infer.py"), "--model", str(model_dir), "--shards", str(tiny_shards),
+                    "--out", str(tmp_path / "s.csv"), "--batch-size", "2", "--num-workers", "1"]  # fmt: skip
+    proc = launch(
+        cmd, "infer.py, rank 1 raising", 300, {**extra, "GEOLOC_FAULT": "predict.batch@1:rank=1:raise"}
+    )
+    assert proc.returncode != 0 and "injected fault at predict.batch" in proc.stderr
+    assert not (tmp_path / "s.csv").exists()

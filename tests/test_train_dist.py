@@ -1,13 +1,34 @@
-"""train.py on two real gloo ranks: DDP, DeepSpeed ZeRO-2 and ZeRO-3, both phases each; DDP mean pooling.
+"""train.py on two real gloo ranks: DDP, DeepSpeed ZeRO-2 and ZeRO-3, both phases each; DDP mean pooling;
+a rank killed, stopped or orphaned.
 
 Two ranks are checked from what the run writes (``num_processes`` in the exported geoloc.json), since a
 misconfigured launcher silently starts one process. DeepSpeed runs use the shipped
 ``accelerate_configs/4xa100_zero{2,3}.yaml`` (their ``ds_configs/*.json``) with 2 processes and bf16.
+The DDP and ZeRO-2 runs validate on ONE val shard (rank 1 has nothing to evaluate): the layout that hung
+at the first phase-2 validation while the DDP wrapper broadcast its buffers at every forward.
 """
+
+import os
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import check, export_meta, read_metrics, run_train, train_args, val_records
+from _train_helpers import (
+    ENV,
+    REPO,
+    check,
+    export_meta,
+    launcher,
+    read_metrics,
+    run_train,
+    train_args,
+    val_records,
+)
+from safetensors.torch import load_file
+
+from geoloc.train.checkpoint import CheckpointManager
 
 SHORT = ("train.epochs_frozen=1", "train.epochs_finetune=1")
 # val shards hold 7 and 5 samples: with batches of 5 the ranks get 2 and 1 eval batches, which ZeRO-3
@@ -29,14 +50,15 @@ def _launch(kind, shards, clip, root, *extra):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tiny_shards, tiny_clip_dir, tmp_path_factory):
-    return _launch("ddp", tiny_shards, tiny_clip_dir, tmp_path_factory.mktemp("ddp"))
+def ddp_run(layouts, tiny_clip_dir, tmp_path_factory):
+    return _launch("ddp", layouts["one"], tiny_clip_dir, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tiny_shards, tiny_clip_dir, tmp_path_factory):
+def zero_runs(tiny_shards, layouts, tiny_clip_dir, tmp_path_factory):
+    shards = {2: layouts["one"], 3: tiny_shards}  # ZeRO-3 on 7 + 5 val samples, in batches of 5
     return {
-        s: _launch(f"zero{s}", tiny_shards, tiny_clip_dir, tmp_path_factory.mktemp(f"z{s}"), *ZERO)
+        s: _launch(f"zero{s}", shards[s], tiny_clip_dir, tmp_path_factory.mktemp(f"z{s}"), *ZERO)
         for s in (2, 3)
     }
 
@@ -91,10 +113,11 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     assert torch.equal(table.view_mask[rows], batch["view_mask"])
 
 
-def test_ddp_finetunes_a_mean_pooled_backbone(tiny_shards, tiny_clip_dir, tmp_path):
-    """Mean pooling never reads CLS's post-layernorm: trainable, DDP would fail at its 2nd step."""
+def test_ddp_finetunes_a_mean_pooled_backbone(layouts, tiny_clip_dir, tmp_path):
+    """Mean pooling never reads CLS's post-layernorm: trainable, DDP would fail at its 2nd step. (Val on
+    an odd number of uneven shards: 7 + 4 + 1 samples.)"""
     overrides = ("model.pooling=mean", "train.epochs_frozen=0", "train.epochs_finetune=1")
-    args = train_args(tiny_shards, tiny_clip_dir, tmp_path / "run", tmp_path / "cache", *overrides)
+    args = train_args(layouts["odd"], tiny_clip_dir, tmp_path / "run", tmp_path / "cache", *overrides)
     check(run_train(args, kind="ddp"))
     meta = export_meta(tmp_path / "run")
     assert meta["pooling"] == "mean" and meta["extra"]["num_processes"] == 2
@@ -151,3 +174,94 @@ def test_zero3_resume_after_an_interruption_follows_the_uninterrupted_run(
         load_file(resumed / "model" / "model.safetensors"),
     )
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------- a rank that dies
+
+
+@pytest.mark.slow
+def test_sigkill_of_rank_1_in_phase_2_ends_the_job_and_resume_follows(
+    ddp_run, layouts, tiny_clip_dir, tmp_path
+):
+    """Rank 1 SIGKILLed mid-update in phase 2: the launcher fails fast, the last checkpoint verifies, and
+    ``--resume latest`` on 2 ranks ends with the uninterrupted run's weights."""
+    killed = tmp_path / "run"
+    args = train_args(
+        layouts["one"], tiny_clip_dir, killed, tmp_path / "cache", *SHORT, "train.save_every_steps=1"
+    )
+    start = time.monotonic()
+    proc = run_train(args, kind="ddp", env={"GEOLOC_FAULT": "finetune.update@3:rank=1"}, timeout=600)
+    assert proc.returncode != 0 and "-9" in proc.stderr, proc.stderr[-3000:]
+    ckpts = CheckpointManager(killed, None, keep=2)
+    latest = ckpts.latest()
+    assert latest.name.startswith("finetune-") and ckpts.verify(latest)["state"]["global_step"] == 3
+    elapsed = time.monotonic() - start
+    check(run_train(args + ["--resume", "latest"], kind="ddp", label="DDP resume after rank 1 was killed"))
+    want, got = (load_file(d / "model" / "model.safetensors") for d in (ddp_run, killed))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert elapsed < 400  # the whole killed run, launcher included: no wait for a timeout
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(layouts, tiny_clip_dir, tmp_path):
+    """Rank 1 SIGSTOPped: rank 0 gives up after train.dist_timeout_s, saying so; the launcher exits non-zero."""
+    args = train_args(layouts["one"], tiny_clip_dir, tmp_path / "run", tmp_path / "cache",
+                      "train.epochs_frozen=0", "train.epochs_finetune=1", "train.dist_timeout_s=30")  # fmt: skip
+    start = time.monotonic()
+    proc = run_train(
+        args, kind="ddp", env={"GEOLOC_FAULT": "finetune.update@1:rank=1:signal=STOP"}, timeout=600
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 0: a collective waited 30 s (train.dist_timeout_s)" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 300, elapsed  # 30 s of timeout, the launcher's SIGTERM grace, start-up on a busy CPU
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ranks_stop_when_their_launcher_is_killed(layouts, tiny_clip_dir, tmp_path):
+    """SIGKILL of `accelerate launch` (its ranks run in their own sessions): the ranks notice and exit."""
+    run = tmp_path / "run"
+    args = train_args(layouts["one"], tiny_clip_dir, run, tmp_path / "cache", "train.cache_embeddings=false",
+                      "train.epochs_frozen=5")  # fmt: skip
+    prefix, extra = launcher("ddp", 2)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            prefix + args, cwd=REPO, env={**os.environ, **ENV, **extra}, stdout=err, stderr=err
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while (
+                not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline
+            ):
+                time.sleep(0.5)  # training has started on both ranks
+            ranks = _children(proc.pid)
+            assert proc.poll() is None and len(ranks) == 2, (ranks, log.read_text()[-2000:])
+        finally:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 60
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert not any(_alive(r) for r in ranks), log.read_text()[-2000:]
+    assert "the launcher (pid" in log.read_text()

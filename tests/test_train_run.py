@@ -6,11 +6,14 @@ One uninterrupted run (module fixture) serves three tests; the resume test inter
 
 import json
 import math
+import signal
 
 import pytest
 import torch
 from _train_helpers import check, export_meta, read_metrics, run_train, train_args, val_records
 from safetensors.torch import load_file
+
+from geoloc.train.checkpoint import CheckpointManager
 
 # grad accumulation, periodic checkpoints and EMA, so the resume test has all of them to restore.
 # Phase 1 (cache): 36 rows / batch 32 = 2 batches, accum 2 -> 1 update an epoch, 2 epochs: steps 1-2.
@@ -95,6 +98,45 @@ def test_resume_after_an_interruption_follows_the_uninterrupted_run(full_run, tm
     }  # later line wins
     want_train = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
     assert train == want_train
+
+
+def _same_run(resumed, run_dir) -> None:
+    """The resumed run ends with the uninterrupted run's weights, val metrics and train losses."""
+    want = load_file(run_dir / "model" / "model.safetensors")
+    got = load_file(resumed / "model" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert _val(resumed) == _val(run_dir)
+    losses = [
+        {r["step"]: r["train/loss"] for r in read_metrics(d) if "train/loss" in r} for d in (resumed, run_dir)
+    ]
+    assert losses[0] == losses[1]  # a resumed run's later line for a step wins
+
+
+# GEOLOC_FAULT spec -> what the SIGKILL interrupts (the run's steps and saves: see OVERRIDES)
+KILL_POINTS = {
+    "cache.batch@2": "the embedding cache, half computed (no checkpoint yet: resume starts afresh)",
+    "frozen.update@2": "a phase-1 update between backward and the optimiser step",
+    "phase.end@1": "the run between the phases",
+    "checkpoint.written@4": "a phase-2 checkpoint, every file written, not yet committed",
+    "finetune.update@3": "a phase-2 update between backward and the optimiser step",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", sorted(KILL_POINTS))
+def test_sigkill_anywhere_then_resume_follows_the_uninterrupted_run(full_run, tmp_path, fault):
+    run_dir, args = full_run
+    killed, cache = tmp_path / "killed", tmp_path / "cache"  # its own cache: a kill mid-cache must matter
+    args = [str(killed) if a == str(run_dir) else a for a in args]
+    args = [f"train.cache_dir={cache}" if a.startswith("train.cache_dir=") else a for a in args]
+    proc = run_train(args, env={"GEOLOC_FAULT": fault}, label=f"train.py killed at {fault}")
+    assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr[-2000:])
+    if fault.startswith("checkpoint"):  # the half-written one is there, and is never taken as latest
+        ckpts = CheckpointManager(killed, None, keep=5)
+        assert [d.name for d in ckpts.dir.iterdir() if d.name.endswith(".tmp")]
+        assert ckpts.latest().name == "frozen-e002-b000000-s0000002"
+    check(run_train(args + ["--resume", "latest"], label=f"resume after {fault}"))
+    _same_run(killed, run_dir)
 
 
 def _val(run_dir) -> dict:

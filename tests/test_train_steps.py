@@ -191,7 +191,7 @@ def _fake_ctx(patience: int, zero_stage: int = 0, ds_config: dict | None = None)
         cfg=cfg,
         accelerator=NS(is_main_process=False, num_processes=4, state=NS(deepspeed_plugin=plugin)),
         tracker=NS(log=lambda metrics, step: calls["logged"].append(metrics)),
-        checkpoints=NS(save=lambda tag, state: calls["saved"].append(dict(state))),
+        checkpoints=NS(save=lambda tag, state, parts: calls["saved"].append(dict(state))),
         zero_stage=zero_stage,
     )
     return ctx, calls
@@ -297,7 +297,7 @@ def test_finetune_phase_has_its_own_batch_size_and_accumulation(make_ctx, monkey
     # the validation progress bar knows its length: ceil(12 val samples / eval batch 16) on one rank
     real, lengths = geoloc.predict.predict, []
     monkeypatch.setattr(geoloc.predict, "predict", lambda m, loader, *a, **k: (
-        lengths.append(len(loader)), real(m, loader, *a, **k))[1])  # fmt: skip
+        lengths.append(k["total"]), real(m, loader, *a, **k))[1])  # fmt: skip
     assert 0 <= phase.validate()["score"] <= 1 and lengths == [1]
 
 
@@ -423,21 +423,19 @@ def test_data_settings_reach_the_training_preprocessor_and_loader(make_ctx, monk
 
 def test_labels_come_from_labels_csv_without_streaming_the_shards(make_ctx, monkeypatch, tiny_shards):
     """Start-up reads labels.csv beside the manifest; the shards are streamed only when it is absent."""
-    from geoloc.train import context
+    from geoloc.data import ShardSet, shardset
 
-    streamed = context.gathered_train_labels
-    monkeypatch.setattr(context, "gathered_train_labels", lambda *a: pytest.fail("streamed the shards"))
+    streamed = shardset.gathered_labels
+    monkeypatch.setattr(shardset, "gathered_labels", lambda *a: pytest.fail("streamed the shards"))
     fast = make_ctx()
-    manifest = json.loads((tiny_shards / "manifest.json").read_text())
-    location = str(tiny_shards / "manifest.json")
-    states, latlon = context.sidecar_labels(manifest, location, "train")
-    from accelerate import Accelerator
-
-    slow_states, slow_latlon = streamed(Accelerator(cpu=True), fast.shards["train"])
+    data = ShardSet.open(str(tiny_shards))
+    states, latlon = data.labels("train")
+    slow_states, slow_latlon = streamed(None, fast.shards["train"])
     order, slow_order = np.lexsort(latlon.T), np.lexsort(slow_latlon.T)  # same rows, any order
     np.testing.assert_array_equal(states[order], slow_states[slow_order])
     np.testing.assert_array_equal(latlon[order], slow_latlon[slow_order])  # exact floats
-    assert context.sidecar_labels(manifest, str(tiny_shards / "elsewhere" / "manifest.json"), "train") is None
+    elsewhere = ShardSet(data.spec, data.manifest, str(tiny_shards / "elsewhere" / "manifest.json"))
+    assert elsewhere._sidecar_labels("train") is None
 
 
 def test_remote_style_shard_template_with_an_explicit_manifest(tiny_clip_dir, tiny_shards, tmp_path):
@@ -446,7 +444,8 @@ def test_remote_style_shard_template_with_an_explicit_manifest(tiny_clip_dir, ti
 
     cfg = load_config(None, [f"model.backbone={tiny_clip_dir}"], preset="smoke")
     spec, manifest_path = f"file:{tiny_shards}/{{shard}}", str(tiny_shards / "manifest.json")
-    shards, counts, manifest, _ = shard_lists(cfg, spec, manifest_path)
+    data, shards, counts = shard_lists(cfg, spec, manifest_path)
+    manifest = data.manifest
     assert [u.rsplit("/", 1)[1] for u in shards["val"]] == sorted(manifest["splits"]["val"]["shards"])
     assert (
         all("/train-" in u for u in shards["train"]) and counts["val"] == manifest["splits"]["val"]["count"]

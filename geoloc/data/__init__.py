@@ -46,6 +46,7 @@ from geoloc.data.loader import (
     make_train_loader,
     suggest_samples_per_shard,
 )
+from geoloc.data.shardset import ShardSet, check_manifest
 from geoloc.data.specs import read_manifest, resolve_shards
 from geoloc.data.stages import (
     decode,
@@ -66,6 +67,8 @@ __all__ = [
     "ImageDecodeError",
     "LoadStats",
     "Loader",
+    "ShardSet",
+    "check_manifest",
     "collate",
     "decode",
     "decode_image",

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from geoloc.data.stages import eval_stages, shuffle_shards, split_by_rank, train_stages
 from geoloc.data.stats import LoadStats
+from geoloc.errors import ShardError
 from geoloc.labels import LabelEncoder
 
 log = logging.getLogger(__package__)  # one logger name for the whole loader: "geoloc.data"
@@ -62,16 +63,26 @@ class Loader:
 
     def __iter__(self):
         n = 0
-        for n, batch in enumerate(islice(self.dataloader(), self.num_batches), start=1):
-            yield batch
+        try:
+            for n, batch in enumerate(islice(self.dataloader(), self.num_batches), start=1):
+                yield batch
+        except ShardError as err:  # re-raised by the DataLoader with the worker's traceback as text
+            raise ShardError(_worker_message(err)) from None
         stats = self.stats.as_dict()
-        if stats["tar_errors"] or stats["bad_views"]:
+        if stats["tar_errors"] or stats["bad_views"] or stats["incomplete_samples"]:
             log.warning("data: unreadable shard data or views were skipped: %s", self.stats)
         if self.num_batches is not None and n < self.num_batches:
             raise RuntimeError(
                 f"train data ran dry after {n} of {self.num_batches} batches: no readable sample in a "
                 f"full pass over this rank's shards {self.shards}; see the warnings above"
             )
+
+
+def _worker_message(err: Exception) -> str:
+    """The original message of an error a DataLoader worker raised (torch wraps it in its traceback)."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    return text.rsplit(marker, 1)[1].strip() if "Original Traceback" in text and marker in text else text
 
 
 # ----------------------------------------------------------------------------- shard checks
@@ -150,12 +161,14 @@ def make_train_loader(
     encoder: LabelEncoder | None = None,
     shard_counts: dict[str, int] | None = None,
     pin_memory: bool | None = None,
+    on_short: str = "error",
 ) -> Loader:
     """Endless shuffled stream cut to ``num_samples // (world_size * batch_size)`` full batches per rank.
 
     ``encoder`` is the manifest's label encoder (``LabelEncoder.from_dict(manifest["label_encoder"])``);
     ``shard_counts`` its ``splits[split]["shards"]`` (``{file name: samples}``): empty shards are dropped
-    before the rank split. ``pin_memory``: see :class:`Loader`.
+    before the rank split, and a shard holding another number of samples is an error or, with
+    ``on_short="skip"``, a counted skip (``geoloc.data.stages.read_tars``). ``pin_memory``: see :class:`Loader`.
     """
     urls = drop_empty_shards(_shard_list(shards), shard_counts)
     num_batches = num_samples // (world_size * batch_size)
@@ -176,7 +189,7 @@ def make_train_loader(
     stats = LoadStats()
     stages = train_stages(
         urls, batch_size=batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
-        shuffle_buffer=shuffle_buffer, encoder=encoder, stats=stats,
+        shuffle_buffer=shuffle_buffer, encoder=encoder, stats=stats, expected=shard_counts, on_short=on_short,
     )  # fmt: skip
     return Loader(stages, workers, stats, num_batches, pin_memory=pin_memory, shards=rank_urls)
 
@@ -190,12 +203,18 @@ def make_eval_loader(
     num_workers: int = 2,
     encoder: LabelEncoder | None = None,
     pin_memory: bool | None = None,
+    shard_counts: dict[str, int] | None = None,
+    on_short: str = "error",
 ) -> Loader:
-    """Every sample once across ranks, in shard order, last batch possibly short."""
+    """Every sample once across ranks, in shard order, last batch possibly short.
+
+    ``shard_counts`` (the manifest's ``{file name: samples}``): a shard holding another number of complete
+    samples raises naming it (``on_short="skip"``: counted and warned about instead)."""
     urls = _shard_list(shards)
     rank_urls = _shards_of_rank(urls, rank, world_size)
     stats = LoadStats()
     stages = eval_stages(
-        urls, batch_size=batch_size, rank=rank, world_size=world_size, encoder=encoder, stats=stats
-    )
+        urls, batch_size=batch_size, rank=rank, world_size=world_size, encoder=encoder, stats=stats,
+        expected=shard_counts, on_short=on_short,
+    )  # fmt: skip
     return Loader(stages, min(num_workers, len(rank_urls)), stats, pin_memory=pin_memory, shards=rank_urls)

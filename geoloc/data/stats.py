@@ -15,7 +15,7 @@ log = logging.getLogger(__package__)  # one logger name for the whole loader: "g
 class LoadStats:
     """Counters shared by the main process and its DataLoader workers (shared memory)."""
 
-    KINDS = ("samples", "tar_errors", "missing_views", "bad_views")
+    KINDS = ("samples", "tar_errors", "missing_views", "bad_views", "incomplete_samples", "short_shards")
 
     def __init__(self):
         self._counts = mp.Array("q", len(self.KINDS))  # survives pickling to workers at start-up

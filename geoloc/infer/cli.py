@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from geoloc.config import InferConfig
+from geoloc.config import DIST_TIMEOUT_S, InferConfig
+from geoloc.errors import GeolocError
 
 
-class InferError(Exception):
+class InferError(GeolocError):
     """A user-facing problem (bad flag combination, missing file); printed without a traceback."""
 
 
@@ -77,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw competition folder: reads ROOT/test_images through the template, no shards",
     )
     p.add_argument(
+        "--manifest",
+        metavar="PATH_OR_URL",
+        help="the shards' manifest.json when it is not beside them (any path or URL WebDataset opens); "
+        "needed when --shards is a URL template with {shard}",
+    )
+    p.add_argument(
         "--split", metavar="NAME", help="which split of --shards to read (default: test; with --eval: val)"
     )
     p.add_argument(
@@ -124,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"data loading worker processes per rank (default {defaults.num_workers}; capped by the "
         "shards each rank reads)",
     )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DIST_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"with several processes: how long a rank waits for the others at a collective before the job "
+        f"ends (a stopped, hung or dead rank); default {DIST_TIMEOUT_S:g}",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -151,6 +167,8 @@ def check_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--calibrate fits on the val split of --shards")
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error("--batch-size must be >= 1 and --num-workers >= 0")
+    if not args.dist_timeout > 0:
+        parser.error("--dist-timeout must be > 0 seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,8 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         from geoloc.infer.run import run_eval, run_predict  # heavy imports start here
 
         return run_eval(args) if args.eval else run_predict(args)
-    except InferError as err:
+    except GeolocError as err:
         print(f"infer.py: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from geoloc.distributed import is_timeout, timeout_message
+
+        if not is_timeout(err):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        print(
+            f"infer.py: error: {timeout_message(rank, args.dist_timeout, '--dist-timeout')}", file=sys.stderr
+        )
         return 2
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from geoloc.contract import SAMPLE_SUBMISSION, DataContractError, read_submission_template
-from geoloc.data import make_eval_loader, read_manifest, resolve_shards
+from geoloc.data import ShardSet, make_eval_loader
 from geoloc.export import LoadedModel, load_model_dir
 from geoloc.infer.calibrate import fit_temperature
 from geoloc.infer.cli import InferError
@@ -30,11 +30,19 @@ from geoloc.preprocess import Preprocessor
 log = logging.getLogger(__name__)
 
 
-def make_accelerator():
-    """An Accelerator for inference; without a GPU, CPU processes (accelerate then picks gloo)."""
+def make_accelerator(args):
+    """An Accelerator for inference (without a GPU: CPU processes on gloo), its collective timeout from
+    ``--dist-timeout``; a rank whose launcher dies stops (see geoloc.distributed)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from geoloc.distributed import maybe_trace_collectives, process_group_kwargs, start_parent_watchdog
+
+    start_parent_watchdog()
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), kwargs_handlers=process_group_kwargs(args.dist_timeout)
+    )
+    maybe_trace_collectives(accelerator.process_index)
+    return accelerator
 
 
 def load_members(paths: list[Path], device) -> list[LoadedModel]:
@@ -68,27 +76,44 @@ def build_ensemble(members, accelerator, weights=None, temperatures=None) -> Ens
     return Ensemble([m.model for m in members], pres, weights, temperatures).eval()
 
 
-def shard_loader(args, split: str, accelerator, encoder):
-    try:
-        shards = resolve_shards(args.shards, split)
-    except FileNotFoundError as err:
-        raise InferError(str(err)) from None
+def shard_set(args) -> ShardSet:
+    """``--shards`` (a directory, pattern or ``{shard}`` template) and its validated manifest."""
+    return ShardSet.open(args.shards, args.manifest)
+
+
+def check_labels(data: ShardSet, split: str, encoder, labelled: bool) -> None:
+    """The model must know every state of a labelled split; predicting data of another label set only
+    warns (a model may know more states than the data has)."""
+    if data.manifest["label_encoder"]["state_indices"] == list(encoder.state_indices):
+        return
+    unknown = sorted(set(data.encoder.state_indices) - set(encoder.state_indices))
+    what = (f"{data.location}: the shards' states {list(data.encoder.state_indices)} differ from the model's "
+            f"{list(encoder.state_indices)}")  # fmt: skip
+    if labelled and unknown:
+        raise InferError(f"{what}: the model cannot score states {unknown} of split {split!r}")
+    log.warning("%s", what)
+
+
+def shard_loader(args, data: ShardSet, split: str, accelerator, encoder):
+    """This rank's share of ``split``; every shard's sample count is checked against the manifest (a
+    truncated shard is an error naming it: no test sample may go missing)."""
     return make_eval_loader(
-        shards, batch_size=args.batch_size, rank=accelerator.process_index,
+        data.urls(split), batch_size=args.batch_size, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_workers=args.num_workers, encoder=encoder,
+        shard_counts=data.shard_counts(split),
     )  # fmt: skip
 
 
-def find_template(args) -> Path:
+def find_template(args, data: ShardSet | None) -> Path:
     """``--template``, else beside the data: ROOT/sample_submission.csv or the manifest's data root."""
     if args.template:
         return args.template
     if args.data_root:
         return args.data_root / SAMPLE_SUBMISSION
-    manifest = read_manifest(args.shards)
-    if not manifest or not manifest.get("data_root"):
-        raise InferError(f"{args.shards}: no manifest.json with a data_root; pass --template")
-    return Path(manifest["data_root"]) / SAMPLE_SUBMISSION
+    root = data.manifest.get("data_root")
+    if not isinstance(root, str) or not root:
+        raise InferError(f"{data.location}: no data_root; pass --template")
+    return Path(root) / SAMPLE_SUBMISSION
 
 
 def read_template(path: Path):
@@ -100,10 +125,11 @@ def read_template(path: Path):
 
 def calibrate(args, members, accelerator) -> list[float]:
     """One temperature per member, fitted on the val split of ``--shards`` (every rank gets the same)."""
-    temps = []
+    temps, data = [], shard_set(args)
     for path, member in zip(args.model, members):
         single = build_ensemble([member], accelerator)
-        loader = shard_loader(args, "val", accelerator, member.encoder)
+        check_labels(data, "val", member.encoder, labelled=True)
+        loader = shard_loader(args, data, "val", accelerator, member.encoder)
         val = predict(
             single, loader, identity, accelerator, progress=not args.no_progress, batch_size=args.batch_size
         )
@@ -116,9 +142,12 @@ def calibrate(args, members, accelerator) -> list[float]:
 
 def run_models(args, members, loader, accelerator, temperatures=None) -> Predictions:
     model = build_ensemble(members, accelerator, args.weights, temperatures)
+    # every forward padded to --batch-size: a sample's outputs then do not depend on the batch or rank it
+    # fell in (CPU kernels round per shape), so any number of processes gives bit-identical results
     return predict(
-        model, loader, identity, accelerator, tta_scales=parse_scales(args.tta), progress=not args.no_progress
-    )
+        model, loader, identity, accelerator, tta_scales=parse_scales(args.tta), progress=not args.no_progress,
+        batch_size=args.batch_size,
+    )  # fmt: skip
 
 
 def gathered_stats(loader, accelerator) -> dict[str, int]:
@@ -134,8 +163,9 @@ def gathered_stats(loader, accelerator) -> dict[str, int]:
 
 def run_predict(args) -> int:
     """Predict ``--split`` (test) of ``--shards`` or the raw ``--data-root`` and write ``--out``."""
-    accelerator = make_accelerator()
-    template_path = find_template(args)
+    accelerator = make_accelerator(args)
+    data = None if args.data_root else shard_set(args)
+    template_path = find_template(args, data)
     template = read_template(template_path)
     members = load_members(args.model, accelerator.device)
     temps = calibrate(args, members, accelerator) if args.calibrate else None
@@ -146,7 +176,8 @@ def run_predict(args) -> int:
             world_size=accelerator.num_processes, num_workers=args.num_workers,
         )  # fmt: skip
     else:
-        loader = shard_loader(args, args.split or "test", accelerator, encoder)
+        check_labels(data, args.split or "test", encoder, labelled=False)
+        loader = shard_loader(args, data, args.split or "test", accelerator, encoder)
     preds = run_models(args, members, loader, accelerator, temps)
     stats = gathered_stats(loader, accelerator)
     if not accelerator.is_main_process:
@@ -169,16 +200,15 @@ def run_predict(args) -> int:
 
 def run_eval(args) -> int:
     """Evaluate on a labelled split (default val) and write the report to ``--out-dir``."""
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(args)
+    data = shard_set(args)
     members = load_members(args.model, accelerator.device)
     temps = calibrate(args, members, accelerator) if args.calibrate else None
     encoder = members[0].encoder
     split = args.split or "val"
-    try:
-        loader = shard_loader(args, split, accelerator, encoder)
-        preds = run_models(args, members, loader, accelerator, temps)
-    except KeyError as err:  # a val state the model does not know
-        raise InferError(f"{args.shards} ({split}): {err.args[0]}") from None
+    check_labels(data, split, encoder, labelled=True)  # up front, not deep in a DataLoader worker
+    loader = shard_loader(args, data, split, accelerator, encoder)
+    preds = run_models(args, members, loader, accelerator, temps)
     if not accelerator.is_main_process:
         return 0
     context = {

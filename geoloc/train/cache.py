@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from geoloc.errors import TrainingError
+from geoloc.faults import fault_point
+
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/geoloc/embeddings"
 
@@ -120,6 +123,7 @@ def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, bar: 
             parts["emb"].append(model.forward_features(pixels, mask).cpu())  # (B, V, D)
         for key in ("view_mask", "label", "latlon", "sample_id"):
             parts[key].append(batch[key])
+        fault_point("cache.batch")  # crash tests: a cache half computed
     return parts
 
 
@@ -169,23 +173,21 @@ def gather_table(accelerator, parts: dict, emb_dim: int, num_views: int) -> Embe
 
 def compute_tables(ctx, model, splits: tuple[str, ...]) -> dict[str, EmbeddingTable]:
     """Embed ``splits`` through the frozen backbone of ``model`` (eval mode), gathered on every rank."""
-    from geoloc.data import make_eval_loader
-
     acc, cfg = ctx.accelerator, ctx.cfg
     model.eval()
     ctx.preprocessor.eval()
     tables = {}
     for split in splits:
-        loader = make_eval_loader(
-            ctx.shards[split], batch_size=cfg.train.eval_batch_size, rank=acc.process_index,
-            world_size=acc.num_processes, num_workers=cfg.data.num_workers, encoder=ctx.labels.encoder,
-        )  # fmt: skip
+        loader = ctx.eval_loader(split, cfg.train.eval_batch_size)  # each shard's count checked
         total = eval_batches(ctx.counts[split], cfg.train.eval_batch_size, acc.num_processes)
         bar = {"desc": f"embed {split}", "total": total, "disable": not acc.is_main_process}
         parts = embed_batches(model, loader, ctx.preprocessor, acc.device, ctx.eval_dtype, bar)
         tables[split] = gather_table(acc, parts, model.embed_dim, ctx.num_views)
-        if len(tables[split]) != ctx.counts[split]:
-            raise RuntimeError(
+        short = (
+            len(tables[split]) < ctx.counts[split] and split == "train" and cfg.data.on_short_shard == "skip"
+        )
+        if len(tables[split]) != ctx.counts[split] and not short:
+            raise TrainingError(
                 f"embedding cache: {len(tables[split])} {split} samples embedded, manifest has "
                 f"{ctx.counts[split]} (see the loader warnings above)"
             )

@@ -11,6 +11,7 @@ once; torch, transformers and DeepSpeed load when the run starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, args.preset)
     except ConfigError as err:
         parser.error(str(err))
-    from geoloc.train.context import RunInterrupted, RunOptions, TrainingError  # heavy imports start here
+    from geoloc.distributed import is_timeout, timeout_message
+    from geoloc.errors import GeolocError, RunInterrupted
+    from geoloc.train.context import RunOptions  # heavy imports start here
     from geoloc.train.phases import run
 
     opts = RunOptions(
@@ -124,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 3
-    except TrainingError as err:
+    except GeolocError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not is_timeout(err):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"train.py: error: {timeout_message(rank, cfg.train.dist_timeout_s, 'train.dist_timeout_s')}\n"
+              f"  ({str(err).splitlines()[0][:300]})", file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

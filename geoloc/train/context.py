@@ -6,31 +6,20 @@ receive a :class:`RunContext` and never look at argv or global state.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from geoloc.config import Config, config_to_dict, save_config
+from geoloc.errors import RunInterrupted, TrainingError  # noqa: F401 - re-exported for the trainer
 from geoloc.labels import LabelEncoder
 
 PHASE_NAMES = ("frozen", "finetune")
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on (bad input, non-finite loss, ...); the message says what and where."""
-
-
-class RunInterrupted(TrainingError):
-    """``--stop-after-steps`` ended the run early, as a crash would (tests of ``--resume``)."""
 
 
 @dataclass(frozen=True)
@@ -61,34 +50,6 @@ class LabelTables:
     prior: dict  # geoloc.metrics.Prior.to_dict(): most frequent states and mean point
 
 
-class PhaseObjects:
-    """The current phase's scheduler and EMA as ONE checkpointed object.
-
-    Registered once per run, so a checkpoint's layout never depends on which phases ran before it (a
-    resumed phase-2 run registers the same single object as the uninterrupted one).
-    """
-
-    def __init__(self):
-        self.scheduler = None
-        self.ema = None
-
-    def state_dict(self) -> dict:
-        return {
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if (self.ema is None) != (state["ema"] is None):
-            raise TrainingError(
-                "checkpoint and run disagree on EMA (train.ema_decay): resume with the same config"
-            )
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-
-
 @dataclass
 class RunContext:
     """Everything the phases share, built once by :func:`prepare_context`."""
@@ -97,6 +58,7 @@ class RunContext:
     opts: RunOptions
     accelerator: object  # accelerate.Accelerator
     run_dir: Path
+    data: object  # geoloc.data.ShardSet: the shards and their validated manifest
     shards: dict[str, list[str]]  # split -> shard urls
     counts: dict[str, int]  # split -> samples (from the manifest)
     manifest: dict
@@ -105,7 +67,23 @@ class RunContext:
     preprocessor: torch.nn.Module  # uint8 views -> normalised float pixels, on the device
     tracker: object  # geoloc.train.tracking.MetricsLogger
     checkpoints: object  # geoloc.train.checkpoint.CheckpointManager
-    phase_objects: PhaseObjects  # registered for checkpointing once per run
+
+    def split(self, role: str) -> str:
+        """The split name of a role (``train`` -> ``cfg.data.train_split``)."""
+        return {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split}[role]
+
+    def eval_loader(self, role: str, batch_size: int):
+        """Every sample of ``role``'s shards once across the ranks; each shard's count checked against the
+        manifest (val must be complete; train follows ``data.on_short_shard``)."""
+        from geoloc.data import make_eval_loader
+
+        acc, split = self.accelerator, self.split(role)
+        return make_eval_loader(
+            self.shards[role], batch_size=batch_size, rank=acc.process_index, world_size=acc.num_processes,
+            num_workers=self.cfg.data.num_workers, encoder=self.labels.encoder,
+            shard_counts=self.data.shard_counts(split),
+            on_short=self.cfg.data.on_short_shard if role == "train" else "error",
+        )  # fmt: skip
 
     @property
     def num_views(self) -> int:
@@ -140,20 +118,20 @@ class RunContext:
 def make_accelerator(cfg: Config, opts: RunOptions):
     """An Accelerator from the launch config (env); gloo on CPU, where the NCCL default cannot work."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
 
+    from geoloc.distributed import maybe_trace_collectives, process_group_kwargs, start_parent_watchdog
     from geoloc.train.tracking import log_with
 
-    # NCCL cannot run on CPU; a single plain process must get no backend at all (no process group)
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    start_parent_watchdog()  # a rank whose launcher was killed stops instead of running on orphaned
     accelerator = Accelerator(  # gradient accumulation is set per phase (geoloc.train.engine.prepare)
         log_with=log_with(opts.report_to),
         project_config=ProjectConfiguration(
             project_dir=str(opts.output_dir), automatic_checkpoint_naming=False
         ),
-        kwargs_handlers=handlers,
+        kwargs_handlers=process_group_kwargs(cfg.train.dist_timeout_s),
     )
+    maybe_trace_collectives(accelerator.process_index)
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         # e.g. `accelerate launch --multi_gpu` without GPUs: N processes that never talk to each other
         raise TrainingError(
@@ -217,58 +195,6 @@ def input_dtype(accelerator) -> torch.dtype:
 # ----------------------------------------------------------------------------- labels
 
 
-def _json_members(url: str):
-    """The parsed ``.json`` members of one shard, streamed (local path or any URL WebDataset opens)."""
-    import webdataset as wds
-
-    with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json"):
-                yield json.loads(tar.extractfile(member).read())
-
-
-def scan_labels(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Original state index ``(N,)`` and lat/lon ``(N, 2)`` of every labelled sample in ``urls``."""
-    states, latlon = [], []
-    for url in urls:
-        for meta in _json_members(url):
-            if meta.get("state_idx") is None:
-                raise TrainingError(f"{url}: training sample {meta.get('sample_id')!r} has no state_idx")
-            states.append(int(meta["state_idx"]))
-            latlon.append((float(meta["lat"]), float(meta["lon"])))
-    return np.asarray(states, dtype=np.int64), np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
-
-
-def sidecar_labels(manifest: dict, location: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The split's labels from ``labels.csv`` beside a local manifest (written by shard_dataset.py)."""
-    name = manifest.get("labels_file")
-    path = Path(location).parent / name if name and Path(location).is_file() else None
-    if path is None or not path.is_file():
-        return None
-    table = pd.read_csv(path, dtype={"sample_id": str})
-    table = table[table["split"] == split]
-    return table["state_idx"].to_numpy(np.int64), table[["lat", "lon"]].to_numpy(np.float64)
-
-
-def train_labels(accelerator, manifest: dict, location: str, split: str, urls: list[str]):
-    """Train labels ``(N,)``, ``(N, 2)``: from labels.csv when it is there (cheap), else streamed from the
-    shards' JSON members (every train tar read once, spread over the ranks)."""
-    found = sidecar_labels(manifest, location, split)
-    expected = manifest["splits"][split]["count"]
-    if found is not None and len(found[0]) == expected:
-        return found
-    return gathered_train_labels(accelerator, urls)
-
-
-def gathered_train_labels(accelerator, urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`scan_labels` with the shards spread over the ranks, gathered on every rank."""
-    from accelerate.utils import gather_object
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    parts = gather_object([scan_labels(urls[rank::world])])
-    return np.concatenate([s for s, _ in parts]), np.concatenate([ll for _, ll in parts])
-
-
 def label_tables(encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) -> LabelTables:
     """Centroids and their distance matrix from the train labels; the prior baseline."""
     from geoloc.geo import distance_matrix, state_centroids
@@ -286,46 +212,23 @@ def label_tables(encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) 
 # ----------------------------------------------------------------------------- data
 
 
-def manifest_location(spec: str, manifest: str | None) -> str | None:
-    """Where manifest.json is: given explicitly (any path or URL), else beside local shards."""
-    if manifest:
-        return manifest
-    folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
-    return str(folder / "manifest.json") if (folder / "manifest.json").is_file() else None
-
-
-def read_json_url(url: str) -> dict:
-    """A JSON file from a local path or any URL WebDataset opens (``pipe:``, ``https://``)."""
-    import webdataset as wds
-
-    try:
-        with wds.gopen(url) as stream:
-            return json.loads(stream.read())
-    except Exception as err:  # noqa: BLE001 - every failure is reported with the URL
-        raise TrainingError(f"{url}: cannot read the shard manifest ({type(err).__name__}: {err})") from None
-
-
 def shard_lists(cfg: Config, spec: str, manifest_url: str | None = None):
-    """-> train/val shard urls, sample counts, the manifest and where it was read from."""
-    # the manifest sits beside local shards, or comes from --manifest (a path or URL) for remote shards
-    from geoloc.data import resolve_shards
+    """-> the ShardSet (manifest validated), train/val shard urls and sample counts by role."""
+    from geoloc.data import ShardSet
 
-    location = manifest_location(spec, manifest_url)
-    if location is None:
-        raise TrainingError(
-            f"{spec}: no manifest.json beside the shards; write them with shard_dataset.py, or pass "
-            "--manifest PATH_OR_URL when the shards are URLs"
-        )
-    manifest = read_json_url(location)
+    data = ShardSet.open(spec, manifest_url)  # beside local shards, or --manifest for remote ones
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
-    shards, counts = {}, {}
-    for role, split in splits.items():
-        try:
-            shards[role] = resolve_shards(spec, split, manifest)
-        except (FileNotFoundError, ValueError) as err:
-            raise TrainingError(str(err)) from None
-        counts[role] = int(manifest["splits"][split]["count"])
-    return shards, counts, manifest, location
+    return data, {r: data.urls(s) for r, s in splits.items()}, {r: data.count(s) for r, s in splits.items()}
+
+
+def check_train_shards(data, split: str, world_size: int) -> None:
+    """Every rank needs a non-empty train shard (phase 2 streams them); said before anything is built."""
+    filled = sum(1 for n in data.shard_counts(split).values() if n > 0)
+    if filled < world_size:
+        raise TrainingError(
+            f"{data.location}: {filled} non-empty {split} shard(s) for {world_size} ranks: some rank would "
+            f"have none; reshard with a smaller --samples-per-shard (at least ranks x loader workers shards)"
+        )
 
 
 def device_preprocessor(cfg: Config, device, dtype: torch.dtype) -> tuple[dict, torch.nn.Module]:
@@ -348,6 +251,7 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
     from accelerate.utils import set_seed
 
     from geoloc.train.checkpoint import CheckpointManager
+    from geoloc.train.resume import run_info
     from geoloc.train.tracking import MetricsLogger
 
     accelerator = make_accelerator(cfg, opts)
@@ -355,16 +259,19 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
     run_dir = Path(opts.output_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-    shards, counts, manifest, location = shard_lists(cfg, opts.shards, opts.manifest)
-    encoder = LabelEncoder.from_dict(manifest["label_encoder"])
-    states, latlon = train_labels(accelerator, manifest, location, cfg.data.train_split, shards["train"])
-    labels = label_tables(encoder, states, latlon)
+    data, shards, counts = shard_lists(cfg, opts.shards, opts.manifest)
+    manifest = data.manifest
+    if "finetune" in opts.phases or not cfg.train.cache_embeddings:  # these stream train shards per rank
+        check_train_shards(data, cfg.data.train_split, accelerator.num_processes)
+    labels = label_tables(data.encoder, *data.labels(cfg.data.train_split, accelerator))
     preprocess, preprocessor = device_preprocessor(cfg, accelerator.device, input_dtype(accelerator))
     tracker = MetricsLogger(run_dir, accelerator, opts.report_to, config=config_to_dict(cfg))
-    checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints)
-    phase_objects = PhaseObjects()
-    accelerator.register_for_checkpointing(phase_objects)
+    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
+    info = run_info(
+        config_to_dict(cfg), manifest, splits, accelerator.num_processes, is_deepspeed(accelerator)
+    )
+    checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints, info)
     return RunContext(
-        cfg, opts, accelerator, run_dir, shards, counts, manifest, labels, preprocess, preprocessor,
-        tracker, checkpoints, phase_objects,
+        cfg, opts, accelerator, run_dir, data, shards, counts, manifest, labels, preprocess, preprocessor,
+        tracker, checkpoints,
     )  # fmt: skip

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from geoloc.faults import fault_point
 from geoloc.train.context import PHASE_NAMES, RunContext, RunInterrupted, TrainingError
 from geoloc.train.progress import Throughput, postfix, progress_bar
 
@@ -110,6 +111,7 @@ def train_step(
         # a short last window must be divided by its own size to give the mean gradient of its batches
         acc.backward(loss * (phase.grad_accum / window))
     if boundary:
+        fault_point(f"{phase.name}.update")  # crash tests: gradients computed, weights not yet updated
         if not ctx.is_deepspeed and ctx.cfg.train.clip_grad > 0:  # DeepSpeed clips (JSON gradient_clipping)
             acc.clip_grad_norm_(phase.model.parameters(), ctx.cfg.train.clip_grad)
         phase.optimizer.step()
@@ -176,14 +178,14 @@ def train_epoch(ctx: RunContext, phase: Phase, state: TrainState) -> None:
             state.batch = i + 1
             bar.update(1)
             if boundary:
-                finish_update(ctx, state, meter.read() | lrs, bar)
+                finish_update(ctx, phase, state, meter.read() | lrs, bar)
                 if state.global_step % ctx.cfg.train.log_every == 0:
                     meter.reset_losses()
     state.epoch += 1
     state.batch = 0
 
 
-def finish_update(ctx: RunContext, state: TrainState, metrics: dict, bar) -> None:
+def finish_update(ctx: RunContext, phase: Phase, state: TrainState, metrics: dict, bar) -> None:
     """Count the update, show and log its metrics, then checkpoint / stop when due."""
     state.step += 1
     state.global_step += 1
@@ -191,7 +193,7 @@ def finish_update(ctx: RunContext, state: TrainState, metrics: dict, bar) -> Non
     if state.global_step % ctx.cfg.train.log_every == 0:
         record = {f"train/{k}": v for k, v in metrics.items()} | _position(state, state.epoch + 1)
         ctx.tracker.log(record, state.global_step)
-    after_update(ctx, state)
+    after_update(ctx, phase, state)
 
 
 def _position(state: TrainState, epoch: int) -> dict:
@@ -199,17 +201,17 @@ def _position(state: TrainState, epoch: int) -> dict:
     return {"phase_index": PHASE_NAMES.index(state.phase) + 1, "epoch": epoch}
 
 
-def after_update(ctx: RunContext, state: TrainState) -> None:
+def after_update(ctx: RunContext, phase: Phase, state: TrainState) -> None:
     """Periodic checkpoint, then the test hook that ends the run like a crash."""
     if ctx.cfg.train.save_every_steps > 0 and state.global_step % ctx.cfg.train.save_every_steps == 0:
-        save_checkpoint(ctx, state)
+        save_checkpoint(ctx, phase, state)
     if ctx.opts.stop_after_steps and state.global_step >= ctx.opts.stop_after_steps:
         raise RunInterrupted(f"stopped after {state.global_step} optimiser updates (--stop-after-steps)")
 
 
-def save_checkpoint(ctx: RunContext, state: TrainState):
+def save_checkpoint(ctx: RunContext, phase: Phase, state: TrainState):
     tag = f"{state.phase}-e{state.epoch:03d}-b{state.batch:06d}-s{state.global_step:07d}"
-    return ctx.checkpoints.save(tag, state.to_dict())
+    return ctx.checkpoints.save(tag, state.to_dict(), phase)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -231,7 +233,7 @@ def end_of_epoch(ctx: RunContext, phase: Phase, state: TrainState, export) -> No
     if ctx.accelerator.is_main_process:
         tqdm.write(f"[{phase.name} epoch {state.epoch}/{phase.epochs}] val score {metrics['score']:.4f} "
                    f"(best {state.best_score:.4f})" + (" -> exported" if improved else ""))  # fmt: skip
-    save_checkpoint(ctx, state)
+    save_checkpoint(ctx, phase, state)
 
 
 def run_phase(ctx: RunContext, phase: Phase, state: TrainState, export) -> TrainState:

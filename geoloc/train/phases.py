@@ -12,13 +12,13 @@ first ``prepare`` replaces the JSON's ``"auto"`` values in place.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from geoloc.faults import fault_point
 from geoloc.train.context import RunContext, RunOptions, TrainingError, prepare_context
 from geoloc.train.engine import (
     HeadView,
@@ -58,7 +58,8 @@ def loader_batches(ctx: RunContext, batch_size: int, epoch: int):
         ctx.shards["train"], batch_size=batch_size, num_samples=ctx.counts["train"], epoch=epoch,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, encoder=ctx.labels.encoder,
-        shard_counts=ctx.manifest["splits"][cfg.data.train_split]["shards"],  # drops empty shards
+        shard_counts=ctx.data.shard_counts(cfg.data.train_split),  # drops empty, checks the others
+        on_short=cfg.data.on_short_shard,
     )  # fmt: skip
     return rng_neutral(loader)
 
@@ -187,9 +188,8 @@ def train_phase(
     # reseeded after the build: the same RNG stream whether or not the embedding cache had to be computed
     # (its DataLoader draws), and each rank its own dropout masks and crops
     set_seed(training_seed(ctx.cfg.train.seed, state.phase, ctx.accelerator.process_index))
-    ctx.phase_objects.scheduler, ctx.phase_objects.ema = phase.scheduler, phase.ema
-    if resume_from is not None:
-        state = TrainState.from_dict(ctx.checkpoints.load(resume_from))
+    if resume_from is not None:  # weights, optimiser, scheduler, EMA and this rank's RNG
+        state = TrainState.from_dict(ctx.checkpoints.load(resume_from, phase))
     run_phase(ctx, phase, state, partial(export_best, ctx, geo_model))
     final = broadcast_state(ctx, phase.full_state())
     ctx.accelerator.free_memory()  # destroys a DeepSpeed engine: phase 2 builds its own
@@ -200,20 +200,27 @@ def train_phase(
 
 
 def starting_point(ctx: RunContext) -> tuple[TrainState, Path | None]:
-    """A fresh state at the first requested phase, or the one saved in the checkpoint to resume."""
-    from geoloc.train.checkpoint import STATE_FILE
+    """A fresh state at the first requested phase, or the one saved in the checkpoint to resume.
+
+    The main process picks and verifies the checkpoint (files, hashes, pickles) for every rank; a
+    checkpoint of another run (labels, shards, config keys a resume keeps) is refused here, before any
+    model is built.
+    """
+    from geoloc.train.resume import check_resumable
 
     fresh = TrainState(phase=ctx.opts.phases[0])
     if not ctx.opts.resume:
         return fresh, None
     try:
-        path = ctx.checkpoints.resolve(ctx.opts.resume)
+        path, meta = ctx.checkpoints.choose(ctx.opts.resume)
     except FileNotFoundError as err:
         if ctx.opts.resume == "latest":  # preemptible jobs always pass --resume latest
             ctx.accelerator.print(f"{err}; starting from scratch")
             return fresh, None
         raise TrainingError(str(err)) from None
-    state = TrainState.from_dict(json.loads((path / STATE_FILE).read_text())["state"])
+    for note in check_resumable(path, meta.get("run", {}), ctx.checkpoints.run_info):
+        ctx.accelerator.print(note)
+    state = TrainState.from_dict(meta["state"])
     if state.phase not in ctx.opts.phases:
         raise TrainingError(f"{path} is a {state.phase} checkpoint but --phase {ctx.opts.phase} was asked")
     return state, path
@@ -262,6 +269,7 @@ def run(cfg, opts: RunOptions) -> None:
                 continue  # nothing to train: no model, cache or engine to build
             weights, state = train_phase(ctx, state, resume_from, weights)
             resume_from = None
+            fault_point("phase.end")  # crash tests: a phase done, the next not built
     finally:
         ctx.tracker.finish()
     if state.best_score is not None:

@@ -12,8 +12,6 @@ import torch
 
 from geoloc.train.context import RunContext, TrainingError
 
-PAD_ID = "__lockstep_padding__"  # a filler row for ZeRO-3 validation: unlabelled, so never scored
-
 
 def prior(ctx: RunContext):
     from geoloc.metrics import Prior
@@ -27,8 +25,10 @@ def validate_cached(ctx: RunContext, model, table, forward) -> dict:
 
     (The same forward count on every rank, as ZeRO-3 needs, and nothing to gather.)
     """
+    from geoloc.distributed import eval_module
     from geoloc.predict import Predictions, evaluate
 
+    model = eval_module(model)  # no DDP buffer broadcast per forward (all ranks score all rows anyway)
     was_training = model.training
     model.eval()
     probs, gps = [], []
@@ -48,61 +48,18 @@ def validate_cached(ctx: RunContext, model, table, forward) -> dict:
     return evaluate(preds, ctx.labels.encoder, prior(ctx))
 
 
-def padding_batch(num_views: int) -> dict:
-    """One unlabelled sample without views: forwarded by an idle ZeRO-3 rank, ignored by the scoring."""
-    return {
-        "images": torch.zeros(1, num_views, 3, 256, 256, dtype=torch.uint8),
-        "view_mask": torch.zeros(1, num_views, dtype=torch.bool),
-        "label": torch.full((1,), -1, dtype=torch.int64),
-        "latlon": torch.full((1, 2), float("nan")),
-        "sample_id": [PAD_ID],
-    }
-
-
-def lockstep(loader, ctx: RunContext):
-    """Batches of ``loader``; ranks that run out forward padding until every rank is done.
-
-    Needed under ZeRO-3 only: there every forward gathers parameters with a collective, so all ranks
-    must make the same number of calls, while the eval loader gives ranks different batch counts.
-    """
-    acc, it = ctx.accelerator, iter(loader)
-    while True:
-        batch = next(it, None)
-        if acc.gather(torch.tensor([batch is not None], device=acc.device)).sum() == 0:
-            return
-        yield batch if batch is not None else padding_batch(ctx.num_views)
-
-
-class Sized:
-    """An iterable with a length for progress bars (``geoloc.predict`` takes its bar's total from ``len``)."""
-
-    def __init__(self, iterable, length: int):
-        self.iterable, self.length = iterable, length
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def __len__(self) -> int:
-        return self.length
-
-
 def validate_pixels(ctx: RunContext, model) -> dict:
     """Score the val shards through the full model with geoloc.predict (the numbers infer.py reports)."""
-    from geoloc.data import make_eval_loader
     from geoloc.predict import evaluate, predict
     from geoloc.train.cache import eval_batches
 
     acc = ctx.accelerator
-    loader = make_eval_loader(
-        ctx.shards["val"], batch_size=ctx.cfg.train.eval_batch_size, rank=acc.process_index,
-        world_size=acc.num_processes, num_workers=ctx.cfg.data.num_workers, encoder=ctx.labels.encoder,
-    )  # fmt: skip
-    if ctx.zero_stage == 3:
-        loader = lockstep(loader, ctx)
-    loader = Sized(loader, eval_batches(ctx.counts["val"], ctx.cfg.train.eval_batch_size, acc.num_processes))
+    loader = ctx.eval_loader("val", ctx.cfg.train.eval_batch_size)
+    total = eval_batches(ctx.counts["val"], ctx.cfg.train.eval_batch_size, acc.num_processes)
     ctx.preprocessor.eval()
-    preds = predict(model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype)
-    preds = preds.take(preds.sample_id != PAD_ID)
+    # predict() unwraps DDP/DeepSpeed (no collective per batch) and runs ZeRO-3 partitions in lockstep
+    batch = ctx.cfg.train.eval_batch_size  # every forward padded to it: results independent of the layout
+    preds = predict(model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype, total=total, batch_size=batch)
     if len(preds) != ctx.counts["val"]:
         raise TrainingError(f"validation saw {len(preds)} val samples, the manifest has {ctx.counts['val']}")
     return evaluate(preds, ctx.labels.encoder, prior(ctx))
