@@ -22,11 +22,13 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
-def folder_problem(path: Path) -> str | None:
-    """Why no file can be written in the folder ``path`` (existing or to be created), else None."""
-    base = nearest_existing(path)
+def folder_problem(folder: Path, target: Path | None = None) -> str | None:
+    """Why no file can be written in ``folder`` (existing or to be created), else None; worded for
+    ``target`` (the folder itself, or the file to be written in it)."""
+    base = nearest_existing(folder)
     if not base.is_dir():
-        return "is a file, not a folder" if base == path.absolute() else f"lies under the file {base}"
+        target = Path(target or folder).absolute()
+        return "is a file, not a folder" if base == target else f"lies under the file {base}"
     try:
         with tempfile.TemporaryFile(dir=base):
             pass
@@ -45,6 +47,6 @@ def check_dir_writable(path: str | Path, flag: str) -> None:
 def check_file_writable(path: str | Path, flag: str) -> None:
     """``path`` names a file (not a folder) whose folder exists or can be created, and is writable."""
     path = Path(path)
-    problem = "is a folder; give a file name" if path.is_dir() else folder_problem(path.parent)
+    problem = "is a folder; give a file name" if path.is_dir() else folder_problem(path.parent, path)
     if problem:
         raise OutputPathError(f"{flag} {path}: {problem}")
