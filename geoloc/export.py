@@ -328,8 +328,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         cfg = read_config(path / RUN_CONFIG)
     except ConfigError as err:
         raise ModelDirError(str(err)) from None
+    _verify_weights(path, meta)  # before building the model: a corrupt file fails in seconds
     model = _build_model(path, meta, cfg)
-    _verify_weights(path, meta)
     try:
         model.load_state_dict(_read_weights(path), strict=True)
     except RuntimeError as err:  # key or shape mismatch: name the file

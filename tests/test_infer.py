@@ -441,3 +441,12 @@ def test_an_unwritable_output_is_an_error_before_the_models_load(
         argv = [*mode, "--model", tmp_path / "no_model_here", "--shards", tiny_shards, flag, path]
         err = run_cli(capsys, *argv, expect=2)
         assert f"infer.py: error: {flag} {path}: {match}" in err
+
+
+def test_validate_refuses_a_template_with_a_repeated_id(capsys, tiny_data_root, tmp_path):
+    root = _copy_root(tiny_data_root, tmp_path)
+    template = pd.read_csv(template_path(root), dtype=str)
+    _bad_template(template, "repeated_id").to_csv(template_path(root), index=False)
+    assert main(["--validate", str(tmp_path / "sub.csv"), "--template", str(template_path(root))]) == 2
+    err = capsys.readouterr().err
+    assert f"infer.py: error: {template_path(root)}" in err and "on lines [5, 14]" in err
