@@ -2,8 +2,10 @@
 
 Precedence, lowest first: dataclass defaults < ``--config FILE`` (YAML) < ``--preset NAME`` <
 dotted ``key=value`` overrides from the command line. Unknown keys and wrong types are rejected with a
-message naming the key; allowed choices are checked in ``__post_init__``. The resolved config is saved
-beside every output with :func:`save_config`.
+message naming the key; allowed choices and the range of every numeric key (:data:`RANGES`) are
+checked in ``__post_init__``, so a bad value fails at start-up, not at the first update. A config file
+that is not YAML, not a mapping of sections, or not UTF-8 is an error naming the file. The resolved
+config is saved beside every output with :func:`save_config`.
 """
 
 from __future__ import annotations
@@ -11,19 +13,90 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from geoloc.errors import GeolocError
 
 DIST_TIMEOUT_S = 1800.0  # 30 min: longer than any legitimate solo wait (a 3.5 GB checkpoint on slow storage)
 
 
-class ConfigError(ValueError):
+class ConfigError(GeolocError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
 def _check_choice(section: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{section}.{name}={value!r}: choose one of {list(choices)}")
+
+
+# The allowed interval of every numeric key, per section ("[" closed, "(" open; inf is never allowed).
+RANGES: dict[str, dict[str, str]] = {
+    "data": {
+        "shuffle_buffer": "[0, inf)",  # 0 or 1 = no shuffle buffer
+        "num_workers": "[0, inf)",
+        "aug_min_scale": "(0, 1]",
+        "aug_jitter": "[0, 1)",  # a factor of 0 or below would blank or invert an image
+    },
+    "model": {"head_hidden": "[1, inf)", "dropout": "[0, 1)"},
+    "loss": {"tau_km": "(0, inf)", "cls_weight": "[0, inf)", "gps_weight": "[0, inf)"},
+    "train": {
+        "batch_size": "[1, inf)",
+        "grad_accum": "[1, inf)",
+        "finetune_batch_size": "[1, inf)",
+        "finetune_grad_accum": "[1, inf)",
+        "eval_batch_size": "[1, inf)",
+        "epochs_frozen": "[0, inf)",
+        "epochs_finetune": "[0, inf)",
+        "head_lr": "[0, inf)",  # 0 keeps the heads where they are
+        "backbone_lr": "[0, inf)",
+        "layer_decay": "(0, 1]",
+        "unfreeze_last_n": "[0, inf)",  # above the backbone's block count: set_backbone_trainable refuses
+        "weight_decay": "[0, inf)",
+        "warmup_ratio": "[0, 1)",
+        "clip_grad": "[0, inf)",  # 0 = no clipping
+        "ema_decay": "[0, 1)",  # 0 = off
+        "seed": "[0, 4294967296)",  # numpy seeds are 32-bit unsigned
+        "frozen_batch_size": "[1, inf)",
+        "save_every_steps": "[0, inf)",  # 0 = only at epoch ends
+        "keep_checkpoints": "[1, inf)",
+        "patience": "[0, inf)",  # 0 = no early stopping
+        "log_every": "[1, inf)",
+        "dist_timeout_s": "(0, inf)",
+    },
+    "infer": {"batch_size": "[1, inf)", "num_workers": "[0, inf)"},
+}
+
+
+def _bounds(interval: str) -> tuple[float, float, bool, bool]:
+    """``"[0, 1)"`` -> ``(0.0, 1.0, True, False)``: low, high, low closed, high closed."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return low, high, interval[0] == "[", interval[-1] == "]"
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval`` (NaN never does)."""
+    low, high, low_closed, high_closed = _bounds(interval)
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    return above and below
+
+
+def describe(interval: str) -> str:
+    """``"[1, inf)"`` -> ``">= 1"``, ``"(0, inf)"`` -> ``"> 0"``, else ``"in [0, 1)"``."""
+    low, high, low_closed, _ = _bounds(interval)
+    if high == float("inf"):
+        return f"{'>=' if low_closed else '>'} {low:g}"
+    return f"in {interval}"
+
+
+def _check_ranges(section: str, cfg) -> None:
+    for name, interval in RANGES[section].items():
+        value = getattr(cfg, name)
+        if not in_interval(value, interval):
+            finite = " (a finite number)" if isinstance(value, float) else ""
+            raise ConfigError(f"{section}.{name}={value!r}: must be {describe(interval)}{finite}")
 
 
 @dataclass
@@ -41,10 +114,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check_choice("data", "on_short_shard", self.on_short_shard, ("error", "skip"))
-        if not 0 < self.aug_min_scale <= 1:
-            raise ConfigError(f"data.aug_min_scale={self.aug_min_scale}: must be in (0, 1]")
-        if not 0 <= self.aug_jitter < 1:  # a factor of 0 or below would blank or invert an image
-            raise ConfigError(f"data.aug_jitter={self.aug_jitter}: must be in [0, 1)")
+        _check_ranges("data", self)
 
 
 @dataclass
@@ -58,6 +128,7 @@ class ModelConfig:
     compile: bool = False  # torch.compile the backbone
 
     def __post_init__(self):
+        _check_ranges("model", self)
         _check_choice("model", "pooling", self.pooling, ("projection", "cls", "mean"))
         _check_choice("model", "fusion", self.fusion, ("average", "concat", "attention", "weighted"))
 
@@ -73,8 +144,11 @@ class LossConfig:
     def __post_init__(self):
         _check_choice("loss", "soft_labels", self.soft_labels, ("state", "sample"))
         _check_choice("loss", "gps_loss", self.gps_loss, ("mse", "mae", "smooth_l1", "haversine"))
-        if self.tau_km <= 0:
-            raise ConfigError(f"loss.tau_km={self.tau_km}: must be > 0")
+        _check_ranges("loss", self)
+        if self.cls_weight + self.gps_weight <= 0:
+            raise ConfigError(
+                f"loss.cls_weight={self.cls_weight} and loss.gps_weight={self.gps_weight}: their sum must be > 0"
+            )
 
 
 @dataclass
@@ -113,12 +187,7 @@ class TrainConfig:
     dist_timeout_s: float = DIST_TIMEOUT_S
 
     def __post_init__(self):
-        if not self.dist_timeout_s > 0:
-            raise ConfigError(f"train.dist_timeout_s={self.dist_timeout_s}: must be > 0")
-        for name in ("batch_size", "grad_accum", "finetune_batch_size", "finetune_grad_accum",
-                     "eval_batch_size", "frozen_batch_size"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        _check_ranges("train", self)
 
 
 @dataclass
@@ -128,6 +197,7 @@ class InferConfig:
     num_workers: int = 4
 
     def __post_init__(self):
+        _check_ranges("infer", self)
         _check_choice("infer", "tta", self.tta, ("none", "scales"))
 
 
@@ -171,16 +241,41 @@ def _merge(base, overrides, source: str):
         raise ConfigError(f"{source}: {key}: {reason}") from None
 
 
+SECTIONS_HINT = "the top level must be a mapping of sections (data, model, loss, train, infer)"
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """A YAML config file as a mapping; an error naming the file if it is missing, unreadable or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # the message carries line and column
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (OSError, OmegaConfBaseException) as err:  # OSError: a scalar top level ("Invalid loaded object")
+        raise ConfigError(f"{path}: {SECTIONS_HINT} ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"{path}: {SECTIONS_HINT}, got a {type(loaded).__name__.removesuffix('Config').lower()}"
+        )
+    for key, section in OmegaConf.to_container(loaded, resolve=False).items():
+        if not isinstance(section, dict):
+            raise ConfigError(
+                f"{path}: {key}: must be a mapping of keys (e.g. '{key}:' then indented 'key: value')"
+            )
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None
 ) -> Config:
     """Defaults < YAML file < preset < dotted overrides; returns a validated :class:`Config`."""
     cfg = OmegaConf.structured(Config)
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, load_yaml(path), str(path))
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -189,21 +284,27 @@ def load_config(
     if bad:
         raise ConfigError(f"overrides must look like section.key=value, got {bad}")
     cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    return _to_object(cfg, "")
+
+
+def _to_object(cfg, source: str) -> Config:
+    """The validated dataclasses; a failed check names ``source`` (a file) when given."""
+    prefix = f"{source}: " if source else ""
     try:
         return OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{prefix}{str(err).splitlines()[0]}") from None
 
 
 def config_to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
 
-def config_from_dict(d: dict) -> Config:
-    """Rebuild (and validate) a config saved by :func:`save_config`."""
-    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(d), "saved config"))
+def config_from_dict(d: dict, source: str = "saved config") -> Config:
+    """Rebuild (and validate) a config saved by :func:`save_config`; errors name ``source``."""
+    return _to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(d), source), source)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -212,4 +313,5 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def read_config(path: str | Path) -> Config:
-    return config_from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+    """A config saved by :func:`save_config` (e.g. a model directory's ``config.yaml``); errors name the file."""
+    return _to_object(_merge(OmegaConf.structured(Config), load_yaml(path), str(path)), str(path))

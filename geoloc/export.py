@@ -9,11 +9,18 @@ Layout (see ARCHITECTURE.md)::
 
 The directory is written under a temporary name and renamed into place, so a crash never leaves a
 half-written model directory behind. Loading needs neither the hub, the original checkpoint nor DeepSpeed.
+
+``geoloc.json`` records the sha256 of ``model.safetensors``; loading (:func:`load_model_dir`, and
+:func:`load_weights` for ``train.py --init-from``) verifies it, so flipped or truncated weight bytes are an
+error naming the file, never a silently different model. A directory exported before checksums existed
+loads with a warning. Every unreadable file (bad JSON, not a mapping, a missing key, a bad
+``config.yaml``, an unreadable safetensors file) is a :class:`ModelDirError` naming the file and key.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from geoloc.config import Config, read_config, save_config
+from geoloc.config import Config, ConfigError, read_config, save_config
 from geoloc.contract import VIEWS
+from geoloc.errors import GeolocError
+from geoloc.fileio import file_sha256
 from geoloc.labels import LabelEncoder
 from geoloc.model import GeoModel, backbone_from_config
 
@@ -35,8 +44,35 @@ META = "geoloc.json"
 RUN_CONFIG = "config.yaml"
 REQUIRED_FILES = (WEIGHTS, BACKBONE_CONFIG, META, RUN_CONFIG)
 PREPROCESS_KEYS = ("image_size", "mean", "std")
+WEIGHTS_SHA256 = "weights_sha256"  # geoloc.json key: sha256 of model.safetensors, checked on every load
+META_KEYS = (
+    "format_version",
+    "pooling",
+    "embed_dim",
+    "num_classes",
+    "label_encoder",
+    "preprocess",
+    "centroids",
+    "prior",
+)
+# the CLIP vision config keys that fix the backbone's shapes (the rest have harmless defaults)
+BACKBONE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "image_size",
+)
 # wrappers add these to state-dict keys (DDP / DeepSpeed engine, torch.compile of the whole model)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+log = logging.getLogger(__name__)
+
+
+class ModelDirError(GeolocError, ValueError):
+    """An exported model directory is unusable; the message names the file (and the key)."""
 
 
 @dataclass
@@ -118,6 +154,7 @@ def _write_files(tmp: Path, state: dict, cfg: Config, vision_config: dict, meta:
     from safetensors.torch import save_file
 
     save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    meta = {**meta, WEIGHTS_SHA256: file_sha256(tmp / WEIGHTS)}  # of the bytes on disk, verified on load
     (tmp / BACKBONE_CONFIG).write_text(json.dumps(vision_config, indent=2, default=_json_default))
     (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default))
     save_config(cfg, tmp / RUN_CONFIG)
@@ -173,35 +210,128 @@ def _require_files(path: Path) -> None:
         )
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the exported model (eval mode) from ``path`` alone: no hub, no DeepSpeed."""
+def read_json_mapping(path: Path, required: tuple[str, ...]) -> dict:
+    """A JSON object holding ``required`` keys; anything else is an error naming the file (and key)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object (a mapping), got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ModelDirError(f"{path}: missing key(s) {missing}")
+    return data
+
+
+def read_meta(path: Path) -> dict:
+    """``geoloc.json`` of the model directory ``path``, its keys and format version checked."""
+    meta = read_json_mapping(path / META, META_KEYS)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ModelDirError(
+            f"{path / META}: format_version {meta['format_version']!r}, expected {FORMAT_VERSION}"
+        )
+    preprocess = meta["preprocess"]
+    missing = [k for k in PREPROCESS_KEYS if not isinstance(preprocess, dict) or k not in preprocess]
+    if missing:
+        raise ModelDirError(f"{path / META}: key 'preprocess' lacks {missing}")
+    return meta
+
+
+def _verify_weights(path: Path, meta: dict) -> None:
+    """The weights' sha256 against ``geoloc.json``; a directory exported before checksums only warns."""
+    expected = meta.get(WEIGHTS_SHA256)
+    if expected is None:
+        log.warning(
+            "%s: no %s in %s (exported before checksums): weights not verified", path, WEIGHTS_SHA256, META
+        )
+        return
+    actual = file_sha256(path / WEIGHTS)
+    if actual != expected:
+        raise ModelDirError(
+            f"{path / WEIGHTS}: modified or corrupted since export: its sha256 is {actual}, "
+            f"{META} records {expected}"
+        )
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` as a state dict; a truncated or foreign file is an error naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelDirError(f"{path / WEIGHTS}: not a readable safetensors file ({err})") from None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The verified weights of an exported model directory (``train.py --init-from`` starts from them)."""
     path = Path(path)
     _require_files(path)
-    meta = json.loads((path / META).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path / META}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
-        )
-    cfg = read_config(path / RUN_CONFIG)
-    vision = json.loads((path / BACKBONE_CONFIG).read_text())
-    backbone, dim = backbone_from_config(vision, meta["pooling"])
-    if dim != meta["embed_dim"]:
-        raise ValueError(
-            f"{path}: backbone config gives embed_dim {dim}, geoloc.json says {meta['embed_dim']}"
-        )
-    model = GeoModel(backbone, dim, meta["num_classes"], cfg.model)
+    meta = read_meta(path)
+    _verify_weights(path, meta)
+    return _read_weights(path)
+
+
+def _labels(path: Path, meta: dict) -> tuple[LabelEncoder, np.ndarray]:
+    """The label encoder and the ``(C, 2)`` centroids, checked against ``num_classes``."""
     try:
-        model.load_state_dict(load_file(path / WEIGHTS), strict=True)
+        encoder = LabelEncoder.from_dict(meta["label_encoder"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelDirError(f"{path / META}: key 'label_encoder' is unusable ({err!r})") from None
+    if encoder.num_classes != meta["num_classes"]:
+        raise ModelDirError(
+            f"{path / META}: key 'label_encoder' has {encoder.num_classes} classes, 'num_classes' says "
+            f"{meta['num_classes']}"
+        )
+    try:
+        centroids = np.asarray(meta["centroids"], dtype=np.float64)
+    except (TypeError, ValueError):
+        centroids = np.zeros(0)
+    if centroids.shape != (encoder.num_classes, 2):
+        raise ModelDirError(f"{path / META}: key 'centroids' is not {encoder.num_classes} (lat, lon) pairs")
+    return encoder, centroids
+
+
+def _build_model(path: Path, meta: dict, cfg: Config) -> GeoModel:
+    """An untrained GeoModel shaped like the saved one, from ``backbone_config.json`` and the run config."""
+    vision = read_json_mapping(path / BACKBONE_CONFIG, BACKBONE_KEYS)
+    try:
+        backbone, dim = backbone_from_config(vision, meta["pooling"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelDirError(f"{path / BACKBONE_CONFIG}: not a usable CLIP vision config ({err})") from None
+    if dim != meta["embed_dim"]:
+        raise ModelDirError(
+            f"{path}: {BACKBONE_CONFIG} gives embed_dim {dim}, {META} key 'embed_dim' says {meta['embed_dim']}"
+        )
+    return GeoModel(backbone, dim, meta["num_classes"], cfg.model)
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the exported model (eval mode) from ``path`` alone: no hub, no DeepSpeed.
+
+    Raises ``FileNotFoundError`` for a missing file, :class:`ModelDirError` for an unusable one."""
+    path = Path(path)
+    _require_files(path)
+    meta = read_meta(path)
+    encoder, centroids = _labels(path, meta)
+    try:
+        cfg = read_config(path / RUN_CONFIG)
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from None
+    _verify_weights(path, meta)  # before building the model: a corrupt file fails in seconds
+    model = _build_model(path, meta, cfg)
+    try:
+        model.load_state_dict(_read_weights(path), strict=True)
     except RuntimeError as err:  # key or shape mismatch: name the file
-        raise RuntimeError(f"{path / WEIGHTS}: weights do not fit the saved config: {err}") from None
+        raise ModelDirError(f"{path / WEIGHTS}: weights do not fit the saved config: {err}") from None
     return LoadedModel(
         model=model.to(device).eval(),
         cfg=cfg,
-        encoder=LabelEncoder.from_dict(meta["label_encoder"]),
+        encoder=encoder,
         preprocess=meta["preprocess"],
-        centroids=np.asarray(meta["centroids"], dtype=np.float64),
+        centroids=centroids,
         prior=meta["prior"],
         meta=meta,
     )

@@ -329,16 +329,22 @@ def _top_modules(model: GeoModel) -> list[nn.Module]:
 def set_backbone_trainable(model: GeoModel, last_n: int | bool | None) -> None:
     """None/False: frozen; 0 or True: whole backbone; N: last N blocks + post-layernorm + projection.
 
+    N above the backbone's block count (or negative) is an error naming ``train.unfreeze_last_n``.
+
     Modules the pooling does not use stay frozen either way (see ``_unused_modules``).
     """
     if last_n is None or last_n is False:
         trainable = []
     elif last_n is True or last_n == 0:
         trainable = [model.backbone]
-    elif last_n < 0:
-        raise ValueError(f"last_n={last_n}: must be >= 0")
     else:
-        trainable = backbone_blocks(model)[-last_n:] + _top_modules(model)
+        blocks = backbone_blocks(model)
+        if not 0 < last_n <= len(blocks):  # a slice [-99:] would quietly unfreeze everything
+            raise ValueError(
+                f"train.unfreeze_last_n={last_n}: the backbone has {len(blocks)} blocks; "
+                f"use 1..{len(blocks)}, or 0 for the whole backbone"
+            )
+        trainable = blocks[-last_n:] + _top_modules(model)
     model.backbone.requires_grad_(False)
     for module in trainable:
         module.requires_grad_(True)

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny CLIP checkpoint built offline (session-scoped; building takes seconds)."""
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +42,29 @@ def layouts(tiny_shards, tmp_path_factory):
     from _layouts import layout_dirs
 
     return layout_dirs(tiny_shards, tmp_path_factory.mktemp("layouts"))
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder in which no file can be created: chmod 555 for a normal user; for root (whom modes do not
+    bind) the /proc pseudo file system."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if not _can_create_in(folder):
+            yield folder
+        elif os.path.isdir("/proc") and not _can_create_in("/proc"):
+            yield Path("/proc")
+        else:
+            pytest.skip("no read-only folder available")
+    finally:
+        folder.chmod(0o755)
+
+
+def _can_create_in(folder) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False

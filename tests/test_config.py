@@ -61,3 +61,125 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(overrides=["model.pooling=mean", "train.seed=7"], preset="smoke")
     save_config(cfg, tmp_path / "config.yaml")
     assert read_config(tmp_path / "config.yaml") == cfg
+
+
+# ---------------------------------------------------------------- bad input: files and ranges
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (b"- train\n- model\n", r"top level must be a mapping of sections.*got a list"),
+        (b"42\n", r"top level must be a mapping of sections"),
+        (b"train: 5\n", r"train: must be a mapping of keys"),
+        (b"train: [1\n", r"not valid YAML.*line"),
+        (b"train:\n  seed: \xff\n", r"not UTF-8"),
+    ],
+)
+def test_a_config_file_that_is_not_a_mapping_of_sections_names_the_file(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.log_every=0", ["train.log_every=0", ">= 1"]),
+        ("train.keep_checkpoints=0", ["train.keep_checkpoints=0", ">= 1"]),
+        ("model.dropout=2", ["model.dropout=2.0", "[0, 1)"]),
+        ("train.warmup_ratio=5", ["train.warmup_ratio=5.0", "[0, 1)"]),
+        ("train.ema_decay=1.5", ["train.ema_decay=1.5", "[0, 1)"]),
+        ("data.num_workers=-1", ["data.num_workers=-1", ">= 0"]),
+        ("train.epochs_frozen=-1", ["train.epochs_frozen=-1", ">= 0"]),
+        ("train.head_lr=-1", ["train.head_lr=-1.0", ">= 0"]),
+        ("train.unfreeze_last_n=-2", ["train.unfreeze_last_n=-2", ">= 0"]),
+        ("train.backbone_lr=nan", ["train.backbone_lr=nan", "finite"]),
+        ("loss.tau_km=inf", ["loss.tau_km=inf", "> 0"]),
+        ("train.seed=-1", ["train.seed=-1"]),
+        ("infer.batch_size=0", ["infer.batch_size=0", ">= 1"]),
+        ("infer.num_workers=-1", ["infer.num_workers=-1", ">= 0"]),
+        ("loss.cls_weight=-0.5", ["loss.cls_weight=-0.5", ">= 0"]),
+    ],
+)
+def test_out_of_range_values_are_refused_up_front_naming_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def _numeric_fields():
+    """``(section, key, type)`` of every int/float key of every section (bools are not numbers here)."""
+    from dataclasses import fields
+
+    sections = {f.name: f.default_factory for f in fields(Config)}
+    return [
+        (section, f.name, f.type)
+        for section, factory in sections.items()
+        for f in fields(factory())
+        if f.type in ("int", "float")
+    ]
+
+
+def _outside(interval: str, kind: str) -> list:
+    """Values just outside an interval's ends (an open end is itself outside), plus NaN/inf for floats."""
+    from geoloc.config import _bounds
+
+    low, high, low_closed, high_closed = _bounds(interval)
+    step = 1 if kind == "int" else 0.5
+    values = [low - step if low_closed else low]
+    if high != float("inf"):
+        values.append(high + step if high_closed else high)
+    values = [int(v) if kind == "int" else float(v) for v in values]
+    return values + (["nan", "inf"] if kind == "float" else [])
+
+
+def test_every_numeric_key_of_every_section_has_a_range_that_is_enforced():
+    """A new numeric key without a declared range fails here; so does a range that is not checked."""
+    from geoloc.config import RANGES, in_interval
+
+    numeric = _numeric_fields()
+    assert len(numeric) > 30  # the guard itself must see the sections
+    assert {(s, k) for s, k, _ in numeric} == {(s, k) for s in RANGES for k in RANGES[s]}
+    cfg = load_config()
+    for section, key, kind in numeric:
+        interval = RANGES[section][key]
+        assert in_interval(getattr(getattr(cfg, section), key), interval), (section, key)  # defaults inside
+        for value in _outside(interval, kind):
+            with pytest.raises(ConfigError, match=rf"{section}\.{key}="):
+                load_config(overrides=[f"{section}.{key}={value}"])
+
+
+def test_loss_weights_must_not_both_be_zero():
+    with pytest.raises(ConfigError, match=r"loss\.cls_weight=0\.0 and loss\.gps_weight=0\.0: their sum"):
+        load_config(overrides=["loss.cls_weight=0", "loss.gps_weight=0"])
+    cfg = load_config(overrides=["loss.cls_weight=0", "loss.gps_weight=1"])  # one alone is fine
+    assert (cfg.loss.cls_weight, cfg.loss.gps_weight) == (0.0, 1.0)
+
+
+def test_boundary_values_that_mean_off_are_accepted():
+    cfg = load_config(
+        overrides=["train.head_lr=0", "train.backbone_lr=0", "train.ema_decay=0", "train.patience=0",
+                   "train.clip_grad=0", "data.num_workers=0", "train.save_every_steps=0", "model.dropout=0"]
+    )  # fmt: skip
+    assert cfg.train.head_lr == 0 and cfg.train.ema_decay == 0 and cfg.data.num_workers == 0
+
+
+def test_infer_config_is_validated_directly():
+    from geoloc.config import InferConfig
+
+    with pytest.raises(ConfigError, match=r"infer\.batch_size=0"):
+        InferConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"infer\.tta='flip'"):
+        InferConfig(tta="flip")
+
+
+def test_a_saved_config_with_a_bad_value_names_the_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(load_config(), path)
+    path.write_text(path.read_text().replace("log_every: 10", "log_every: 0"))
+    with pytest.raises(ConfigError, match=rf"{path}: train\.log_every=0: must be >= 1"):
+        read_config(path)

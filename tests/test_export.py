@@ -1,6 +1,9 @@
-"""Exported model directory: round trip, offline reload without the source checkpoint, errors, atomicity."""
+"""Exported model directory: round trip, offline reload without the source checkpoint, errors, atomicity,
+the weights' checksum and every malformed file named with its key."""
 
+import hashlib
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -9,7 +12,14 @@ import torch
 
 from geoloc import export
 from geoloc.config import Config, ModelConfig
-from geoloc.export import REQUIRED_FILES, load_model_dir, save_model_dir, vision_config_dict
+from geoloc.export import (
+    REQUIRED_FILES,
+    ModelDirError,
+    load_model_dir,
+    load_weights,
+    save_model_dir,
+    vision_config_dict,
+)
 from geoloc.labels import LabelEncoder
 from geoloc.model import build_model
 
@@ -118,7 +128,7 @@ def test_weights_not_matching_config_name_the_file(clip_copy, tmp_path):
     cfg, model = _trained_like(clip_copy)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("gps_head")}
     out_dir = _save(tmp_path / "model", cfg, model, model_state_dict=state)
-    with pytest.raises(RuntimeError, match="model.safetensors"):
+    with pytest.raises(ModelDirError, match="model.safetensors.*do not fit"):
         load_model_dir(out_dir)
 
 
@@ -162,3 +172,158 @@ def test_geoloc_json_is_plain_json(clip_copy, tmp_path):
     meta = json.loads((out_dir / export.META).read_text())
     assert meta["prior"] == {"top_states": [7, 3], "mean_latlon": [33.0, -93.5]}
     assert meta["label_encoder"]["state_indices"] == [3, 7, 12, 40]
+
+
+# ---------------------------------------------------------------- bad input: weights and metadata files
+
+
+@pytest.fixture
+def exported(clip_copy, tmp_path):
+    """``(model dir, the model)`` of a fresh export."""
+    cfg, model = _trained_like(clip_copy)
+    return _save(tmp_path / "model", cfg, model), model
+
+
+def _edit_meta(out_dir, edit):
+    meta = json.loads((out_dir / export.META).read_text())
+    edit(meta)
+    (out_dir / export.META).write_text(json.dumps(meta))
+
+
+def test_export_records_the_weights_sha256_and_both_loaders_accept_it(exported):
+    out_dir, model = exported
+    meta = json.loads((out_dir / export.META).read_text())
+    assert meta["weights_sha256"] == hashlib.sha256((out_dir / export.WEIGHTS).read_bytes()).hexdigest()
+    weights = load_weights(out_dir)
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def _flip_a_weight_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor: the header stays valid, safetensors alone would not notice
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_flip_a_weight_byte, _truncate, _empty])
+@pytest.mark.parametrize("loader", [load_model_dir, load_weights])
+def test_modified_or_corrupted_weights_are_refused_naming_the_file(exported, damage, loader):
+    out_dir, _ = exported
+    damage(out_dir / export.WEIGHTS)
+    with pytest.raises(ModelDirError, match=r"model\.safetensors: modified or corrupted") as err:
+        loader(out_dir)
+    assert str(out_dir) in str(err.value)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _empty, lambda p: p.write_bytes(b"\xff" * 64)])
+def test_unreadable_weights_of_an_old_export_name_the_file(exported, damage, caplog):
+    """Without a checksum (exported before it existed) a broken file is still named, not a bare SafetensorError."""
+    out_dir, _ = exported
+    _edit_meta(out_dir, lambda m: m.pop("weights_sha256"))
+    damage(out_dir / export.WEIGHTS)
+    for loader in (load_model_dir, load_weights):
+        with pytest.raises(ModelDirError, match=r"model\.safetensors: not a readable safetensors file"):
+            loader(out_dir)
+
+
+def test_a_model_exported_before_checksums_loads_with_a_warning(exported, caplog):
+    out_dir, model = exported
+    _edit_meta(out_dir, lambda m: m.pop("weights_sha256"))
+    with caplog.at_level(logging.WARNING, logger="geoloc.export"):
+        loaded = load_model_dir(out_dir)
+    assert "exported before checksums" in caplog.text and str(out_dir) in caplog.text
+    w = model.state_dict()["state_head.0.weight"]
+    assert torch.equal(loaded.model.state_dict()["state_head.0.weight"], w)
+
+
+def _set(key, value):
+    return lambda m: m.__setitem__(key, value)
+
+
+def _drop(key):
+    return lambda m: m.pop(key)
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        (export.META, "{not json", r"geoloc\.json: not valid JSON"),
+        (export.META, "[1, 2]", r"geoloc\.json: expected a JSON object.*list"),
+        (export.META, b"\xff\xfe{}", r"geoloc\.json: not valid JSON"),
+        (export.BACKBONE_CONFIG, "{", r"backbone_config\.json: not valid JSON"),
+        (export.BACKBONE_CONFIG, '"a string"', r"backbone_config\.json: expected a JSON object.*str"),
+        (
+            export.BACKBONE_CONFIG,
+            '{"hidden_size": 32}',
+            r"backbone_config\.json: missing key.*num_hidden_layers",
+        ),
+        (export.RUN_CONFIG, "- a list\n", r"config\.yaml: the top level must be a mapping"),
+        (export.RUN_CONFIG, "model: {fusion: [\n", r"config\.yaml: not valid YAML"),
+        (
+            export.RUN_CONFIG,
+            "model:\n  dropout: 7\n",
+            r"config\.yaml: model\.dropout=7\.0: must be in \[0, 1\)",
+        ),
+        (export.RUN_CONFIG, "model:\n  nope: 1\n", r"config\.yaml: model\.nope"),
+    ],
+)
+def test_malformed_files_name_the_file_and_key(exported, name, text, match):
+    out_dir, _ = exported
+    data = text if isinstance(text, bytes) else text.encode()
+    (out_dir / name).write_bytes(data)
+    with pytest.raises(ModelDirError, match=match):
+        load_model_dir(out_dir)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_drop("num_classes"), r"missing key.*'num_classes'"),
+        (_drop("prior"), r"missing key.*'prior'"),
+        (_set("format_version", 99), "format_version 99"),
+        (_set("preprocess", {"image_size": 56}), r"key 'preprocess' lacks \['mean', 'std'\]"),
+        (_set("label_encoder", {"state_indices": [1]}), "key 'label_encoder' is unusable"),
+        (
+            _set("label_encoder", {"state_indices": [1], "state_names": ["x"]}),
+            "key 'label_encoder' has 1 classes",
+        ),
+        (_set("centroids", [[1.0, 2.0]]), "key 'centroids' is not 4"),
+        (_set("centroids", "here"), "key 'centroids' is not 4"),
+        (_set("embed_dim", 5), "key 'embed_dim' says 5"),
+    ],
+)
+def test_bad_geoloc_json_values_name_the_key(exported, edit, match):
+    out_dir, _ = exported
+    _edit_meta(out_dir, edit)
+    with pytest.raises(ModelDirError, match=match) as err:
+        load_model_dir(out_dir)
+    assert "geoloc.json" in str(err.value)
+
+
+def test_init_from_loads_verified_weights_or_stops_naming_the_file(exported, tmp_path):
+    """``train.py --init-from`` goes through the same verified loader (geoloc.train.phases.initial_weights)."""
+    from geoloc.train.context import RunOptions, TrainingError
+    from geoloc.train.phases import initial_weights
+
+    out_dir, model = exported
+
+    def opts(path):
+        return RunOptions(shards="s", output_dir=tmp_path / "run", init_from=path)
+
+    assert initial_weights(opts(None)) is None
+    assert torch.equal(
+        initial_weights(opts(out_dir))["gps_head.0.weight"], model.state_dict()["gps_head.0.weight"]
+    )
+    _flip_a_weight_byte(out_dir / export.WEIGHTS)
+    with pytest.raises(TrainingError, match=r"--init-from .*model\.safetensors: modified or corrupted"):
+        initial_weights(opts(out_dir))
+    with pytest.raises(TrainingError, match=r"--init-from .*missing .*model\.safetensors"):
+        initial_weights(opts(tmp_path))

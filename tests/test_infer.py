@@ -2,11 +2,14 @@
 calibration, --eval against evaluate(), --validate and the flags."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _infer_helpers import ROOT, export_tiny_model, read_csv, template_path
@@ -399,3 +402,88 @@ def test_remote_style_shard_template_with_manifest(capsys, model_dir, tiny_shard
     assert local.read_bytes() == remote.read_bytes()
     err = run_cli(capsys, "--model", model_dir, "--shards", spec, "--out", remote, expect=2)
     assert "--manifest" in err
+
+
+# ---------------------------------------------------------------- bad input: templates, image cells, outputs
+
+
+def _copy_root(tiny_data_root, tmp_path):
+    """A private copy of the data root (the session one is shared)."""
+    return shutil.copytree(tiny_data_root, tmp_path / "data")
+
+
+def _bad_template(template, kind):
+    if kind == "repeated_id":
+        return pd.concat([template, template.iloc[[3]]])
+    if kind == "padded_repeat":
+        template.loc[5, "sample_id"] = template.loc[4, "sample_id"] + "  "
+        return template
+    return template.iloc[:0]  # no rows
+
+
+@pytest.mark.parametrize("kind", ["repeated_id", "padded_repeat", "no_rows"])
+@pytest.mark.parametrize("mode", ["--template", "--data-root"])
+def test_a_template_with_a_repeated_id_or_no_rows_is_refused_before_the_models_load(
+    capsys, tiny_data_root, tmp_path, kind, mode
+):
+    root = _copy_root(tiny_data_root, tmp_path)
+    template = pd.read_csv(template_path(root), dtype=str)
+    _bad_template(template, kind).to_csv(template_path(root), index=False)
+    data = (
+        ["--template", template_path(root), "--data-root", root]
+        if mode == "--template"
+        else ["--data-root", root]
+    )
+    out = tmp_path / "sub.csv"
+    err = run_cli(capsys, "--model", tmp_path / "no_model_here", *data, "--out", out, expect=2)
+    assert f"infer.py: error: {template_path(root)}" in err  # the template is named, not the model
+    assert ("no rows" if kind == "no_rows" else "appear more than once") in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cell", ["/ABS", "../test_images/NAME", "sub/../../NAME"])
+def test_raw_loader_masks_counts_and_warns_about_a_cell_outside_the_images_folder(
+    tiny_data_root, tmp_path, caplog, cell
+):
+    """The view is never opened (it names a readable JPEG), the sample is kept, the other views are read."""
+    template = read_submission_template(template_path(tiny_data_root))
+    name = template.loc[2, "image_south"]
+    real = Path(tiny_data_root) / "test_images" / name
+    template.loc[2, "image_south"] = cell.replace("/ABS", str(real)).replace("NAME", name)
+    dataset = RawTestDataset(tiny_data_root, template)
+    with caplog.at_level(logging.WARNING, logger="geoloc.infer.raw"):
+        item = dataset[2]
+    assert item["sample_id"] == template.loc[2, "sample_id"] and len(dataset) == 12
+    assert item["view_mask"].tolist() == [True, True, False, True]
+    assert not item["images"][2].any()
+    assert dataset.stats.as_dict()["bad_views"] == 1
+    assert (
+        template.loc[2, "sample_id"] in caplog.text
+        and "image_south" in caplog.text
+        and "bad_path" in caplog.text
+    )
+
+
+@pytest.mark.parametrize("flag", ["--out", "--out-dir"])
+def test_an_unwritable_output_is_an_error_before_the_models_load(
+    capsys, tiny_shards, tmp_path, read_only_dir, flag
+):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(a_file / "x", "lies under the file"), (read_only_dir / "x", "cannot write in")]
+    if flag == "--out":
+        cases.append((tmp_path, "is a folder; give a file name"))
+    mode = ["--eval"] if flag == "--out-dir" else []
+    for path, match in cases:
+        argv = [*mode, "--model", tmp_path / "no_model_here", "--shards", tiny_shards, flag, path]
+        err = run_cli(capsys, *argv, expect=2)
+        assert f"infer.py: error: {flag} {path}: {match}" in err
+
+
+def test_validate_refuses_a_template_with_a_repeated_id(capsys, tiny_data_root, tmp_path):
+    root = _copy_root(tiny_data_root, tmp_path)
+    template = pd.read_csv(template_path(root), dtype=str)
+    _bad_template(template, "repeated_id").to_csv(template_path(root), index=False)
+    assert main(["--validate", str(tmp_path / "sub.csv"), "--template", str(template_path(root))]) == 2
+    err = capsys.readouterr().err
+    assert f"infer.py: error: {template_path(root)}" in err and "on lines [5, 14]" in err

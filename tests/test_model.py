@@ -278,6 +278,16 @@ def test_set_backbone_trainable_counts(tiny_clip_dir):
     assert all(p.requires_grad for p in heads)  # heads are never frozen
 
 
+@pytest.mark.parametrize("last_n", [3, 99, -1])
+def test_unfreeze_last_n_beyond_the_blocks_names_the_key_value_and_block_count(tiny_clip_dir, last_n):
+    """The tiny backbone has 2 blocks: 3 or 99 would otherwise quietly unfreeze the whole backbone."""
+    model = build_model(_cfg(tiny_clip_dir), C)
+    with pytest.raises(ValueError, match=rf"train\.unfreeze_last_n={last_n}: the backbone has 2 blocks"):
+        set_backbone_trainable(model, last_n)
+    set_backbone_trainable(model, 2)  # exactly the block count is fine
+    assert all(p.requires_grad for b in backbone_blocks(model) for p in b.parameters())
+
+
 def test_param_groups_layer_decay_and_weight_decay(tiny_clip_dir):
     model = build_model(_cfg(tiny_clip_dir, fusion="attention"), C)
     set_backbone_trainable(model, 0)

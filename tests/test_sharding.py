@@ -18,6 +18,7 @@ from geoloc.sharding import SHARD_RE, shard_dataset, split_counts, view_problem,
 from geoloc.sharding import workers as shard_workers
 from geoloc.sharding import write as shard_write
 from geoloc.synth import corrupt_view, generate_dataset, view_path
+from geoloc.writable import OutputPathError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,9 +191,12 @@ def test_a_corrupt_image_counts_as_an_absent_row_in_split_and_labels(tmp_path):
     """A state with 2 samples at val_fraction 0.5: corrupting its training sample keeps the other in train."""
     root = small_root(tmp_path / "data", n_train=20, n_test=2)
     rare = min(set(range(50)) - set(contract.read_train_table(root)["state_idx"].astype(int)))
-    edit_train_csv(
-        root, lambda df: df.__setitem__("state_idx", df["state_idx"].mask(df.index < 2, str(rare)))
-    )
+    name = contract.read_state_mapping(root)[rare]
+
+    def move_two_rows_to_rare(df):
+        df.loc[df.index < 2, ["state_idx", "state"]] = [str(rare), name]
+
+    edit_train_csv(root, move_two_rows_to_rare)
     kwargs = {"val_fraction": 0.5, "samples_per_shard": 4, "progress": False}
     shard_dataset(root, tmp_path / "clean", **kwargs)
     was_train = [sid for sid in ("000000", "000001") if sid in read_split(tmp_path / "clean", "train")[0]]
@@ -402,14 +406,56 @@ def test_test_sample_with_bad_views_is_kept(tmp_path, capsys):
     assert "6 test views missing (sample kept)" in capsys.readouterr().out
 
 
-def test_duplicated_test_id_keeps_the_first_row(tmp_path):
+def edit_template(root, edit):
+    df = pd.read_csv(root / contract.SAMPLE_SUBMISSION, dtype=str)
+    df = edit(df)
+    df.to_csv(root / contract.SAMPLE_SUBMISSION, index=False)
+
+
+def repeat_first_row(df):
+    return pd.concat([df, df.iloc[[0]]])
+
+
+def repeat_first_id_padded(df):
+    df.loc[1, "sample_id"] = df.loc[0, "sample_id"] + " "  # "000008 " is "000008" once stripped
+    return df
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (repeat_first_row, r"'000008' on lines \[2, 5\]"),
+        (repeat_first_id_padded, r"'000008' on lines \[2, 3\]"),
+        (lambda df: df.iloc[:0], "no rows"),
+    ],
+)
+def test_a_template_with_a_repeated_id_or_no_rows_is_refused_before_any_work(
+    tmp_path, monkeypatch, edit, match
+):
+    """infer.py could never write a valid submission from it: refused at sharding time, nothing written."""
     root = small_root(tmp_path / "data", n_train=8, n_test=3)
-    template = pd.read_csv(root / contract.SAMPLE_SUBMISSION, dtype=str)
-    pd.concat([template, template.iloc[[0]]]).to_csv(root / contract.SAMPLE_SUBMISSION, index=False)
-    manifest = shard_dataset(root, tmp_path / "out", progress=False)
-    assert manifest["splits"]["test"]["count"] == 3
-    assert [(e["sample_id"], e["split"]) for e in manifest["skipped"]] == [("000008", "test")]
-    assert manifest["skipped"][0]["reason"].startswith("duplicate_id")
+    edit_template(root, edit)
+    monkeypatch.setattr(
+        sharding, "check_samples", lambda *a: pytest.fail("images checked before the refusal")
+    )
+    with pytest.raises(contract.DataContractError, match=match) as err:
+        shard_dataset(root, tmp_path / "out", progress=False)
+    assert str(root / contract.SAMPLE_SUBMISSION) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_blank_padded_train_id_duplicates_the_plain_one_and_both_rows_are_skipped(tmp_path):
+    root = small_root(tmp_path / "data", n_train=12, n_test=2)
+    edit_train_csv(
+        root, lambda df: df.__setitem__("sample_id", df["sample_id"].mask(df.index == 3, " 000002 "))
+    )
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert [(e["sample_id"], e["reason"].split(":")[0]) for e in manifest["skipped"]] == [
+        ("000002", "duplicate_id"),
+        ("000002", "duplicate_id"),
+    ]
+    assert "CSV lines [4, 5]" in manifest["skipped"][0]["reason"]
+    assert manifest["splits"]["train"]["count"] == 10
 
 
 def test_two_test_ids_with_one_shard_key_are_an_error_naming_both(tmp_path):
@@ -427,6 +473,159 @@ def test_bad_arguments_are_rejected(tmp_path):
     for kwargs in ({"val_fraction": 1.0}, {"val_fraction": -0.1}, {"samples_per_shard": 0}, {"workers": 0}):
         with pytest.raises(ValueError):
             shard_dataset(root, tmp_path / "out", progress=False, **kwargs)
+
+
+def test_a_state_mapping_with_a_header_only_is_an_error_naming_it(tmp_path):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    (root / contract.STATE_MAPPING).write_text("state_idx,state\n")
+    with pytest.raises(contract.DataContractError, match=r"state_mapping\.csv: no rows") as err:
+        shard_dataset(root, tmp_path / "out", progress=False)
+    assert str(root / contract.STATE_MAPPING) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def rename_state_of_row_2(root, name="Atlantis"):
+    edit_train_csv(root, lambda df: df.__setitem__("state", df["state"].mask(df.index == 2, name)))
+
+
+def test_a_state_name_disagreeing_with_the_mapping_is_a_counted_skip(tmp_path, capsys):
+    root = small_root(tmp_path / "data", n_train=12, n_test=2)
+    rename_state_of_row_2(root)
+    # case and surrounding blanks do not count as a disagreement
+    edit_train_csv(
+        root,
+        lambda df: df.__setitem__(
+            "state", df["state"].mask(df.index == 5, f"  {df.loc[5, 'state'].upper()} ")
+        ),
+    )
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert [e["sample_id"] for e in manifest["skipped"]] == ["000002"]
+    reason = manifest["skipped"][0]["reason"]
+    idx = int(contract.read_train_table(root)["state_idx"][2])
+    assert reason.startswith("state_mismatch: state 'Atlantis'")
+    assert f"state_idx {idx} {contract.read_state_mapping(root)[idx]!r}" in reason
+    assert manifest["splits"]["train"]["count"] == 11
+    assert "1 skipped: state_mismatch 1" in capsys.readouterr().out
+
+
+def test_strict_makes_a_state_mismatch_an_error_naming_file_line_and_sample(tmp_path):
+    root = small_root(tmp_path / "data", n_train=12, n_test=2)
+    rename_state_of_row_2(root)
+    with pytest.raises(
+        contract.DataContractError, match=rf"{contract.TRAIN_CSV}, line 4: sample '000002': state_mismatch"
+    ):
+        shard_dataset(root, tmp_path / "out", strict=True, progress=False)
+
+
+OUTSIDE = {
+    "absolute": lambda outside: str(outside),
+    "dotdot": lambda outside: f"../../{outside.parent.name}/{outside.name}",
+}
+
+
+def point_cell_outside(root, csv, row, col, kind):
+    """Copy a valid view outside the data root and point one CSV cell at it; returns the cell."""
+    outside = root.parent / "elsewhere" / "stolen.jpg"
+    outside.parent.mkdir(exist_ok=True)
+    folder = contract.TRAIN_IMAGES if csv == contract.TRAIN_CSV else contract.TEST_IMAGES
+    df = pd.read_csv(root / csv, dtype=str)
+    outside.write_bytes((root / folder / df.loc[row, col]).read_bytes())
+    df.loc[row, col] = OUTSIDE[kind](outside)
+    df.to_csv(root / csv, index=False)
+    return df.loc[row, col]
+
+
+@pytest.mark.parametrize("kind", sorted(OUTSIDE))
+def test_a_train_image_cell_outside_the_root_is_skipped_as_bad_path(tmp_path, kind):
+    root = small_root(tmp_path / "data", n_train=12, n_test=2)
+    cell = point_cell_outside(root, contract.TRAIN_CSV, 3, "image_south", kind)
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert [e["sample_id"] for e in manifest["skipped"]] == ["000003"]
+    reason = manifest["skipped"][0]["reason"]
+    assert reason.startswith("bad_path: south view: image_south") and repr(cell) in reason
+    with pytest.raises(
+        contract.DataContractError, match=rf"{contract.TRAIN_CSV}, line 5: sample '000003': bad_path"
+    ):
+        shard_dataset(root, tmp_path / "strict", val_fraction=0.0, strict=True, progress=False)
+
+
+@pytest.mark.parametrize("kind", sorted(OUTSIDE))
+def test_a_test_image_cell_outside_the_root_is_a_missing_view_and_the_sample_is_kept(tmp_path, kind):
+    root = small_root(tmp_path / "data", n_train=8, n_test=3)
+    point_cell_outside(root, contract.SAMPLE_SUBMISSION, 1, "image_east", kind)
+    manifest = shard_dataset(root, tmp_path / "out", progress=False)
+    assert manifest["skipped"] == [] and manifest["splits"]["test"]["count"] == 3
+    [missing] = manifest["missing_views"]
+    assert (missing["sample_id"], missing["view"]) == ("000009", "east")
+    assert missing["reason"].startswith("bad_path: east view: image_east")
+    test = read_split(tmp_path / "out", "test")[0]
+    assert sorted(test["000009"]) == ["json", "north.jpg", "south.jpg", "west.jpg"]
+    assert json.loads(test["000009"]["json"])["missing_views"] == ["east"]
+
+
+@pytest.mark.parametrize("kind", sorted(OUTSIDE))
+def test_allow_outside_root_reads_such_cells(tmp_path, kind):
+    root = small_root(tmp_path / "data", n_train=8, n_test=3)
+    point_cell_outside(root, contract.TRAIN_CSV, 3, "image_south", kind)
+    point_cell_outside(root, contract.SAMPLE_SUBMISSION, 1, "image_east", kind)
+    stolen = (root.parent / "elsewhere" / "stolen.jpg").read_bytes()
+    manifest = shard_dataset(
+        root, tmp_path / "out", val_fraction=0.0, progress=False, allow_outside_root=True
+    )
+    assert manifest["skipped"] == [] and manifest["missing_views"] == []
+    assert read_split(tmp_path / "out", "test")[0]["000009"]["east.jpg"] == stolen
+
+
+def test_symlinked_image_folders_inside_the_root_keep_working(tmp_path):
+    root = small_root(tmp_path / "data", n_train=8, n_test=3)
+    for folder in (contract.TRAIN_IMAGES, contract.TEST_IMAGES):
+        target = tmp_path / "disk2" / folder
+        target.parent.mkdir(exist_ok=True)
+        (root / folder).rename(target)
+        (root / folder).symlink_to(target, target_is_directory=True)
+    manifest = shard_dataset(root, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert manifest["skipped"] == [] and manifest["missing_views"] == []
+    assert manifest["splits"]["train"]["count"] == 8 and manifest["splits"]["test"]["count"] == 3
+
+
+# ---------------------------------------------------------------- bad input: the output directory
+
+
+@pytest.mark.parametrize("where", ["", contract.TRAIN_IMAGES, f"{contract.TEST_IMAGES}/shards"])
+def test_out_in_the_data_root_or_its_image_folders_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    before = shard_bytes(root / contract.TRAIN_IMAGES)
+    monkeypatch.setattr(
+        sharding, "check_samples", lambda *a: pytest.fail("images checked before the refusal")
+    )
+    with pytest.raises(
+        OutputPathError, match=r"--out .*(is the data root|lies in the data root's image folder)"
+    ):
+        shard_dataset(root, root / where, progress=False)
+    with pytest.raises(OutputPathError):  # the same folder through another spelling
+        shard_dataset(root, tmp_path / "data" / "." / where, progress=False)
+    assert shard_bytes(root / contract.TRAIN_IMAGES) == before
+    assert not (root / "manifest.json").exists()
+
+
+def test_out_where_nothing_can_be_written_is_refused_before_checking_images(
+    tmp_path, monkeypatch, read_only_dir
+):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    monkeypatch.setattr(
+        sharding, "check_samples", lambda *a: pytest.fail("images checked before the refusal")
+    )
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (a_file, "is a file"),
+        (a_file / "shards", f"lies under the file {a_file}"),
+        (read_only_dir / "shards", f"cannot write in {read_only_dir}"),
+    ]
+    for out, match in cases:
+        with pytest.raises(OutputPathError, match=match) as err:
+            shard_dataset(root, out, progress=False)
+        assert f"--out {out}" in str(err.value)
 
 
 # ---------------------------------------------------------------- workers and reruns
@@ -560,6 +759,7 @@ def test_cli_help_explains_every_flag():
         "--samples-per-shard",
         "--workers",
         "--strict",
+        "--allow-outside-root",
     ):
         assert flag in result.stdout
     assert result.stdout.count("(default:") >= 4
@@ -618,3 +818,14 @@ def test_labels_file_matches_the_shards_json_exactly(tiny_shards):
     from_csv = {r.sample_id: (r.split, r.state_idx, r.lat, r.lon) for r in table.itertuples(index=False)}
     assert from_csv == from_tars
     assert len(table) == manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
+
+
+def test_cli_errors_on_bad_input_are_one_line_without_a_traceback(tmp_path):
+    root = small_root(tmp_path / "data", n_train=6, n_test=2)
+    result = run_cli("--data-root", str(root), "--out", str(root))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: --out {root}: is the data root")
+    (root / contract.STATE_MAPPING).write_bytes(b"")
+    result = run_cli("--data-root", str(root), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{root / contract.STATE_MAPPING}: the file is empty" in result.stderr

@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.validate:
             return validate_file(args.validate, args.template)
+        check_outputs(args)  # before the models load: an unwritable output must not cost a whole run
         from geoloc.infer.run import run_eval, run_predict  # heavy imports start here
 
         return run_eval(args) if args.eval else run_predict(args)
@@ -196,6 +197,19 @@ def main(argv: list[str] | None = None) -> int:
             f"infer.py: error: {timeout_message(rank, args.dist_timeout, '--dist-timeout')}", file=sys.stderr
         )
         return 2
+
+
+def check_outputs(args) -> None:
+    """``--out`` is a writable file path (not a folder), ``--out-dir`` a writable folder."""
+    from geoloc.writable import OutputPathError, check_dir_writable, check_file_writable
+
+    try:
+        if args.eval:
+            check_dir_writable(args.out_dir, "--out-dir")
+        else:
+            check_file_writable(args.out, "--out")
+    except OutputPathError as err:
+        raise InferError(str(err)) from None
 
 
 def validate_file(path: Path, template_path: Path) -> int:

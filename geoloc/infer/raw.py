@@ -3,7 +3,10 @@
 For ``infer.py --data-root``: no shards needed. Rows of the template are split over ranks round-robin
 (every row on exactly one rank), each view is decoded exactly as the shard loader decodes it
 (``geoloc.data.decode_image``), and an unreadable or missing view is masked out, logged and counted,
-never a reason to drop the sample. Batches are the dicts of ``geoloc.data.collate``.
+never a reason to drop the sample. So is a view whose cell is an absolute path or holds ``..``
+(``contract.image_path_problem``): it is never opened, so a template cannot make infer.py read outside
+``ROOT/test_images`` (counted with the bad views; the warning says ``bad_path``). Batches are the dicts of
+``geoloc.data.collate``.
 """
 
 from __future__ import annotations
@@ -15,10 +18,19 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geoloc.contract import IMAGE_COLUMNS, TEST_IMAGES
+from geoloc.contract import IMAGE_COLUMNS, TEST_IMAGES, image_path_problem
 from geoloc.data import IMAGE_SIZE, ImageDecodeError, LoadStats, collate, decode_image
 
 log = logging.getLogger(__name__)
+
+
+def refused(name: str, column: str, sample_id: str, stats: LoadStats) -> bool:
+    """Whether the cell points outside the images folder (then logged and counted as a bad view)."""
+    problem = image_path_problem(name)
+    if problem:
+        log.warning("sample %s: %s: bad_path: %s; view masked out", sample_id, column, problem)
+        stats.add("bad_views")
+    return problem is not None
 
 
 def read_view(path: Path, sample_id: str, stats: LoadStats) -> torch.Tensor | None:
@@ -53,7 +65,10 @@ class RawTestDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sid = self.ids[i]
-        views = [read_view(self.folder / name, sid, self.stats) for name in self.names[i]]
+        views = [
+            None if refused(name, col, sid, self.stats) else read_view(self.folder / name, sid, self.stats)
+            for name, col in zip(self.names[i], IMAGE_COLUMNS)
+        ]
         blank = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
         self.stats.add("samples")
         return {

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from geoloc.contract import IMAGE_COLUMNS, MAX_STATE_IDX, PRED_STATE_COLUMNS, SUBMISSION_COLUMNS
+from geoloc.errors import GeolocError
 from geoloc.predict import Predictions, point_predictions
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ US_BOX = {"lat": (18.0, 72.0), "lon": (-180.0, -65.0)}  # contiguous US, Alaska 
 MAX_LISTED = 10  # ids quoted per problem; the count is always given in full
 
 
-class SubmissionError(ValueError):
+class SubmissionError(GeolocError, ValueError):
     """A submission breaks the contract; the message lists every problem found."""
 
 

@@ -1,15 +1,17 @@
 """Data root -> WebDataset tar shards + ``manifest.json`` (the ``shard_dataset.py`` tool).
 
     python shard_dataset.py --data-root ROOT --out DIR [--val-fraction 0.1] [--seed 0] \\
-        [--samples-per-shard 1000] [--workers N] [--strict]
+        [--samples-per-shard 1000] [--workers N] [--strict] [--allow-outside-root]
 
 Writes ``DIR/{train,val,test}-NNNNNN.tar``; per sample ``<key>.{north,east,south,west}.jpg`` (the
 original bytes, never re-encoded) and ``<key>.json``. Every view is decoded first (in parallel with
 ``--workers``); the seeded train/val split stratified by state, the shard plan and the label encoder
 then use only the kept samples, so no shard is empty and every class has a training sample. A bad
-training sample (missing/undecodable view, bad coordinate, unknown state, duplicated id) is skipped,
-listed in the manifest and printed (``--strict``: an error instead); a test sample is never skipped,
-its unreadable views are recorded in ``missing_views``. All output bytes, the manifest's included,
+training sample (missing/undecodable view, bad coordinate, unknown state, state name disagreeing with
+the mapping, image cell outside the data root, duplicated id) is skipped, listed in the manifest and
+printed (``--strict``: an error instead); a test sample is never skipped, its unreadable or refused
+views are recorded in ``missing_views``. ``--out`` is checked before any work (writable, and not the
+data root or one of its image folders). All output bytes, the manifest's included,
 depend only on the data and the flags, not on ``--workers``. Each shard is written to ``NAME.tmp`` and
 renamed, the manifest last (a failed run removes its temporaries): a directory without
 ``manifest.json`` is an unfinished run, and rerunning finishes it.
@@ -44,10 +46,12 @@ from geoloc.sharding.write import (
     MANIFEST,
     SHARD_RE,
     TMP_SUFFIX,
+    check_out_dir,
     remove_temporaries,
     write_atomic,
     write_shards,
 )
+from geoloc.writable import OutputPathError
 
 __all__ = [
     "LABELS",
@@ -85,22 +89,25 @@ def shard_dataset(
     workers: int = 1,
     strict: bool = False,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> dict:
     """Write the shards and ``manifest.json`` of a data root; returns the manifest.
 
     Every sample is checked first; the split, the shard plan and the label encoder use only the kept
     ones, so no shard is empty and every class has a training sample. A failed run removes its
-    temporaries and leaves no manifest."""
+    temporaries and leaves no manifest. ``allow_outside_root`` lets image cells be absolute paths or
+    hold ``..`` (else such a training row is skipped and such a test view recorded missing)."""
     check_args(val_fraction, samples_per_shard, workers)
     root, out = Path(data_root).resolve(), Path(out_dir)
+    check_out_dir(root, out)  # before any work: an unwritable --out must not cost the decode phase
     states = contract.read_state_mapping(root)
-    train, train_skipped = read_train_samples(root, states, strict)
-    test, test_skipped = read_test_samples(root, strict)
+    train, skipped = read_train_samples(root, states, strict, allow_outside_root)
+    test = read_test_samples(root, allow_outside_root)
     try:
         with ordered_map(min(workers, len(train) + len(test))) as imap:
             kept, image_skipped, missing = check_samples(train + test, imap, strict, progress)
             plan = plan_splits(kept, seed, val_fraction, samples_per_shard)
-            skipped = train_skipped + image_skipped + test_skipped
+            skipped += image_skipped
             manifest = build_manifest(root, seed, val_fraction, states, plan, skipped, missing)
             require_training_data(manifest, root, out)
             write_shards(out, plan, imap, progress)
@@ -132,7 +139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out",
         required=True,
         type=Path,
-        help="output directory; shards, temporaries and the manifest of an earlier run there are replaced",
+        help="output directory (not the data root or one of its image folders); shards, temporaries and the "
+        "manifest of an earlier run there are replaced, other files are left alone",
     )
     parser.add_argument(
         "--val-fraction",
@@ -158,6 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="stop with an error naming the sample and file at the first bad sample instead of skipping it",
     )
+    parser.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept image cells that are absolute paths or contain '..' (files outside the data root); "
+        "by default such a training row is skipped (bad_path) and such a test view recorded as missing",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     try:
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             args.workers,
             args.strict,
             progress=not args.no_progress,
+            allow_outside_root=args.allow_outside_root,
         )
-    except contract.DataContractError as err:
+    except (contract.DataContractError, OutputPathError) as err:
         sys.exit(f"error: {err}")

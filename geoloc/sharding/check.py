@@ -45,9 +45,9 @@ def view_problem(path: str | None, view: str) -> str | None:
 def check_sample(sample: Sample) -> tuple[str | None, tuple[tuple[str, str], ...]]:
     """``(skip reason, ())`` for a labelled sample with a bad view, else ``(None, ((view, problem), ..))``
     listing a test sample's unreadable views. Returns only text, so workers send back little."""
-    bad = []
+    bad, known = [], dict(sample.view_problems)  # a refused path is never opened
     for view, path in zip(contract.VIEWS, sample.paths):
-        problem = view_problem(path, view)
+        problem = known.get(view) or view_problem(path, view)
         if problem and sample.split != "test":
             return problem, ()  # the reason names the view and its file
         if problem:

@@ -6,7 +6,6 @@ lists every skipped sample and every missing test view, the console the first ``
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from geoloc import contract
+from geoloc.fileio import file_sha256
 from geoloc.labels import LabelEncoder
 from geoloc.sharding.plan import SPLITS
 from geoloc.sharding.write import LABELS, MANIFEST, write_atomic
@@ -21,10 +21,6 @@ from geoloc.sharding.write import LABELS, MANIFEST, write_atomic
 LABEL_COLUMNS = ("split", "sample_id", "state_idx", "lat", "lon")
 MANIFEST_VERSION = 1
 SHOW_AT_MOST = 50  # skipped samples printed one per line on the console; the manifest lists them all
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_manifest(

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from geoloc import contract
 from geoloc.sharding.rows import Sample
+from geoloc.writable import OutputPathError, check_dir_writable
 
 # the files a run owns in its output directory
 MANIFEST = "manifest.json"
@@ -33,6 +34,21 @@ class ShardTask:
     out_dir: str
     name: str  # e.g. "train-000003.tar"
     samples: tuple[Sample, ...]  # checked samples only, so never empty
+
+
+def check_out_dir(root: Path, out: Path) -> None:
+    """Refuse an output directory that is the data root or lies in one of its image folders (a rerun there
+    would replace the root's own files), or where nothing can be written; creates nothing."""
+    out_real = out.resolve()
+    if out_real == root.resolve():
+        raise OutputPathError(
+            f"--out {out}: is the data root {root}; write the shards to a folder of their own"
+        )
+    for folder in (contract.TRAIN_IMAGES, contract.TEST_IMAGES):
+        images = (root / folder).resolve()
+        if out_real == images or images in out_real.parents:
+            raise OutputPathError(f"--out {out}: lies in the data root's image folder {root / folder}")
+    check_dir_writable(out, "--out")
 
 
 def write_atomic(path: Path, write) -> None:

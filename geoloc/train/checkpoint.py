@@ -30,7 +30,6 @@ Collectives: every rank must call :meth:`save` and :meth:`load` (under DeepSpeed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from geoloc.errors import CheckpointError
+from geoloc.fileio import file_sha256
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
@@ -52,7 +52,6 @@ EMA_FILE = "ema.safetensors"
 ENGINE_DIR = "pytorch_model"  # DeepSpeed's checkpoint (tag) folder, as accelerate names it
 RNG_FILE = "rng-rank{rank}.safetensors"
 _TAG = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
-HASH_CHUNK = 1 << 24
 
 
 def _deepspeed_globals() -> list:
@@ -68,18 +67,10 @@ def _deepspeed_globals() -> list:
 # ----------------------------------------------------------------------------- files
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_table(folder: Path) -> dict[str, list]:
     """``{relative path: [size, sha256]}`` of every file under ``folder`` except the state file."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)
-    return {str(p.relative_to(folder)): [p.stat().st_size, file_digest(p)] for p in files}
+    return {str(p.relative_to(folder)): [p.stat().st_size, file_sha256(p)] for p in files}
 
 
 def damaged_files(folder: Path, table: dict, hashes: bool) -> list[str]:
@@ -87,7 +78,7 @@ def damaged_files(folder: Path, table: dict, hashes: bool) -> list[str]:
     bad = []
     for rel, (size, digest) in table.items():
         path = folder / rel
-        if not path.is_file() or path.stat().st_size != size or (hashes and file_digest(path) != digest):
+        if not path.is_file() or path.stat().st_size != size or (hashes and file_sha256(path) != digest):
             bad.append(rel)
     return bad
 

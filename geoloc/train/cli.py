@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from geoloc.config import PRESETS, ConfigError, load_config
+from geoloc.writable import OutputPathError, check_dir_writable
 
 PHASES = ("both", "frozen", "finetune")
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may sit before and after the flags
     try:
         cfg = load_config(args.config, args.overrides, args.preset)
-    except ConfigError as err:
+        check_dir_writable(args.output_dir, "--output-dir")  # before hours of work, not at the first save
+    except (ConfigError, OutputPathError) as err:
         parser.error(str(err))
     from geoloc.distributed import is_timeout, timeout_message
     from geoloc.errors import GeolocError, RunInterrupted

@@ -227,19 +227,15 @@ def starting_point(ctx: RunContext) -> tuple[TrainState, Path | None]:
 
 
 def initial_weights(opts: RunOptions) -> dict | None:
-    """Weights of ``--init-from`` (an exported model directory), else None."""
+    """Verified weights of ``--init-from`` (an exported model directory), else None."""
     if opts.init_from is None:
         return None
-    from safetensors.torch import load_file
+    from geoloc.export import ModelDirError, load_weights
 
-    from geoloc.export import WEIGHTS
-
-    path = Path(opts.init_from) / WEIGHTS
-    if not path.is_file():
-        raise TrainingError(
-            f"--init-from {opts.init_from}: no {WEIGHTS} there (expected an exported RUN/model)"
-        )
-    return load_file(path)
+    try:
+        return load_weights(opts.init_from)
+    except (FileNotFoundError, ModelDirError) as err:
+        raise TrainingError(f"--init-from {opts.init_from}: {err} (expected an exported RUN/model)") from None
 
 
 def phase_epochs(cfg, name: str) -> int:
