@@ -68,6 +68,15 @@ def timeout_message(rank: int, timeout_s: float, where: str) -> str:
     )
 
 
+def shutdown() -> None:
+    """Destroy the process group after a successful run (left to interpreter exit, gloo's threads can
+    abort the process with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- orphaned ranks
 
 

@@ -256,6 +256,7 @@ torch.rand(5)
 assert ckpts.load("latest", parts) == {"step": 2}
 assert torch.equal(torch.rand(1), after_save)  # each rank gets its own RNG back
 acc.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 
 
@@ -318,6 +319,7 @@ assert ckpts.load("latest", parts) == {"step": 3}
 assert all(torch.equal(saved[k], v) for k, v in weights().items())
 train(3)
 assert all(torch.allclose(uninterrupted[k], v) for k, v in weights().items())
+torch.distributed.destroy_process_group()
 """
 
 

@@ -181,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate:
             return validate_file(args.validate, args.template)
         check_outputs(args)  # before the models load: an unwritable output must not cost a whole run
+        from geoloc.distributed import shutdown
         from geoloc.infer.run import run_eval, run_predict  # heavy imports start here
 
-        return run_eval(args) if args.eval else run_predict(args)
+        code = run_eval(args) if args.eval else run_predict(args)
+        shutdown()
+        return code
     except GeolocError as err:
         print(f"infer.py: error: {err}", file=sys.stderr)
         return 2

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         check_dir_writable(args.output_dir, "--output-dir")  # before hours of work, not at the first save
     except (ConfigError, OutputPathError) as err:
         parser.error(str(err))
-    from geoloc.distributed import is_timeout, timeout_message
+    from geoloc.distributed import is_timeout, shutdown, timeout_message
     from geoloc.errors import GeolocError, RunInterrupted
     from geoloc.train.context import RunOptions  # heavy imports start here
     from geoloc.train.phases import run
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {timeout_message(rank, cfg.train.dist_timeout_s, 'train.dist_timeout_s')}\n"
               f"  ({str(err).splitlines()[0][:300]})", file=sys.stderr)  # fmt: skip
         return 1
+    shutdown()
     return 0
 
 
