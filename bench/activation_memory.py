@@ -52,8 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", choices=sorted(ARCHS), default="vit-l-14-336", help="backbone vision config")
     p.add_argument("--pooling", default="projection", help="view embedding: projection | cls | mean")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CPU autocast dtype")
-    p.add_argument("--samples", type=int, nargs=2, default=(1, 2), metavar=("N1", "N2"),
-                   help="the two batch sizes (samples of 4 views) whose difference is per-sample")  # fmt: skip
+    p.add_argument(
+        "--samples",
+        type=int,
+        nargs=2,
+        default=(1, 2),
+        metavar=("N1", "N2"),
+        help="the two batch sizes (samples of 4 views) whose difference is per-sample",
+    )
     p.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free when sizing")
     p.add_argument("--num-classes", type=int, default=50, help="state classes of the head")
     return p.parse_args(argv)
@@ -211,10 +217,14 @@ def report(args, name: str, m: dict) -> None:
     print(f"\n[{name}] attention backward: {m['attention']}")
     for n, r in m["runs"].items():
         dtypes = ", ".join(f"{k} {v / GB:.3f}" for k, v in sorted(r["by_dtype"].items()))
-        print(f"  {n} sample(s) x {NUM_VIEWS} views: saved {r['bytes'] / GB:.3f} GB ({dtypes} GB), "
-              f"{r['seconds']:.1f} s")  # fmt: skip
-    print(f"  per sample ({n2} - {n1}): {m['per_sample'] / GB:.4f} GB = {per_image / GB:.4f} GB per image "
-          f"({per_image / GB / README_GB_PER_IMAGE:.2f} x the README's {README_GB_PER_IMAGE} GB)")  # fmt: skip
+        print(
+            f"  {n} sample(s) x {NUM_VIEWS} views: saved {r['bytes'] / GB:.3f} GB ({dtypes} GB), "
+            f"{r['seconds']:.1f} s"
+        )
+    print(
+        f"  per sample ({n2} - {n1}): {m['per_sample'] / GB:.4f} GB = {per_image / GB:.4f} GB per image "
+        f"({per_image / GB / README_GB_PER_IMAGE:.2f} x the README's {README_GB_PER_IMAGE} GB)"
+    )
     print(f"  per-forward constant (bf16 weight copies etc.): {m['constant'] / GB:.3f} GB")
     static = static_bytes(m["model"], m["constant"])
     total = sum(static.values())
@@ -226,7 +236,8 @@ def report(args, name: str, m: dict) -> None:
     for gpu, gb in GPUS_GB.items():
         fit = max_samples(gb, args.headroom, total, m["per_sample"])
         print(
-            f"  {gpu}: {fit} samples ({fit * NUM_VIEWS} images) per forward fit with {args.headroom:.0%} kept free"
+            f"  {gpu}: {fit} samples ({fit * NUM_VIEWS} images) per forward fit "
+            f"with {args.headroom:.0%} kept free"
         )
 
 
@@ -234,8 +245,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     print(f"machine: {machine(torch.device('cpu'))}")
     cfg = ARCHS[args.arch]
-    print(f"arch {args.arch} ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-          f"{cfg['image_size']} px), {args.precision} autocast on CPU, samples {args.samples[0]} and {args.samples[1]}")  # fmt: skip
+    print(
+        f"arch {args.arch} ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"{cfg['image_size']} px), {args.precision} autocast on CPU, "
+        f"samples {args.samples[0]} and {args.samples[1]}"
+    )
     for name, ckpt in (("no activation checkpointing", False), ("activation checkpointing", True)):
         report(args, name, measure(args, ckpt))
 

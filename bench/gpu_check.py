@@ -77,9 +77,14 @@ def run_child(args) -> int:
 
     module, func, _, _ = SECTIONS[args.section]
     section = Section(
-        args.section, args.dry, Path(args.work_dir), Path(args.result),
-        time.monotonic() + args.section_budget, json.loads(args.context), vars(args),
-    )  # fmt: skip
+        args.section,
+        args.dry,
+        Path(args.work_dir),
+        Path(args.result),
+        time.monotonic() + args.section_budget,
+        json.loads(args.context),
+        vars(args),
+    )
     section.save()
     getattr(importlib.import_module(module), func)(section)
     return 0
@@ -100,9 +105,22 @@ def timeout_for(name: str, names: list[str], budgets: dict[str, float], remainin
 
 
 def child_command(args, name: str, result: Path, timeout: float, context: dict) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--result", str(result),
-           "--section-budget", f"{timeout:.0f}", "--context", json.dumps(context), "--work-dir",
-           str(args.work_dir), "--compile-scope", args.compile_scope]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--section",
+        name,
+        "--result",
+        str(result),
+        "--section-budget",
+        f"{timeout:.0f}",
+        "--context",
+        json.dumps(context),
+        "--work-dir",
+        str(args.work_dir),
+        "--compile-scope",
+        args.compile_scope,
+    ]
     return cmd + (["--dry"] if args.dry else [])
 
 
@@ -117,8 +135,13 @@ def run_section(args, name: str, timeout: float, context: dict, log, grace: floa
     log.write(f"\n===== section {name} (timeout {timeout:.0f} s) =====\n")
     log.flush()
     start = time.monotonic()
-    proc = subprocess.Popen(child_command(args, name, result, timeout, context), stdout=log,
-                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        child_command(args, name, result, timeout, context),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         rc = proc.wait(timeout=timeout + grace)
     except subprocess.TimeoutExpired:
@@ -136,8 +159,15 @@ def run_section(args, name: str, timeout: float, context: dict, log, grace: floa
 
 
 def _failure_row(name: str, status: str) -> dict:
-    return {"id": name, "what": f"section {name}", "value": None, "unit": "", "status": f"error: {status}",
-            "note": "", "data": {}}  # fmt: skip
+    return {
+        "id": name,
+        "what": f"section {name}",
+        "value": None,
+        "unit": "",
+        "status": f"error: {status}",
+        "note": "",
+        "data": {},
+    }
 
 
 def machine_info(dry: bool) -> dict:
@@ -156,8 +186,10 @@ def machine_info(dry: bool) -> dict:
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
-                       f"{p.multi_processor_count} SMs")  # fmt: skip
+        info["gpu"] = (
+            f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
+            f"{p.multi_processor_count} SMs"
+        )
     for pkg in ("transformers", "accelerate", "deepspeed", "webdataset", "torchvision"):
         info[pkg] = _version(pkg)
     return info

@@ -28,10 +28,18 @@ class Section:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def row(self, rid: str, what: str, value=None, unit: str = "", *, status: str = "ok", note: str = "",
-            **data) -> dict:  # fmt: skip
-        r = {"id": rid, "what": what, "value": value, "unit": unit, "status": status, "note": note,
-             "data": data}  # fmt: skip
+    def row(
+        self, rid: str, what: str, value=None, unit: str = "", *, status: str = "ok", note: str = "", **data
+    ) -> dict:
+        r = {
+            "id": rid,
+            "what": what,
+            "value": value,
+            "unit": unit,
+            "status": status,
+            "note": note,
+            "data": data,
+        }
         self.rows.append(r)
         self.save()
         return r

@@ -181,8 +181,12 @@ def gpu_decoded_batches(urls, batch_size: int, workers: int, device):
 
     from geoloc.data import LoadStats, read_tars, shard_list, split_by_worker
 
-    stages = [partial(shard_list, urls), split_by_worker, partial(read_tars, stats=LoadStats()),
-              partial(raw_batch, batch_size=batch_size)]  # fmt: skip
+    stages = [
+        partial(shard_list, urls),
+        split_by_worker,
+        partial(read_tars, stats=LoadStats()),
+        partial(raw_batch, batch_size=batch_size),
+    ]
     loader = DataLoader(wds.DataPipeline(stages), batch_size=None, num_workers=min(workers, len(urls)))
     for raw in loader:
         data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in raw["jpegs"]]
@@ -239,15 +243,25 @@ def section_infer(section) -> None:
     short = 0.3 if section.dry else 2.0
     decode = guarded(section, "3a", "CPU decode ceiling, 1 core", decode_rate, samples, short)
     if decode:
-        section.row("3a", "CPU decode ceiling (decode_sample, 1 core)", round(decode, 1), "images/s",
-                    note=f"{kib:.0f} KiB per 256 px JPEG view; {decode / 4:.0f} samples/s")  # fmt: skip
+        section.row(
+            "3a",
+            "CPU decode ceiling (decode_sample, 1 core)",
+            round(decode, 1),
+            "images/s",
+            note=f"{kib:.0f} KiB per 256 px JPEG view; {decode / 4:.0f} samples/s",
+        )
     ensemble = make_ensemble(section, device)
     accelerator = Accelerator(cpu=device.type != "cuda")
     decoded = list(shard_batches(urls[:2], batch, 0))
     compute = guarded(section, "3b", "GPU compute ceiling", compute_rate, ensemble, decoded, device, short)
     if compute:
-        section.row("3b", f"compute ceiling: predict's per-batch path, {arch_for(section)}, batch {batch}",
-                    round(compute, 1), "images/s", note="decoded uint8 batches already on the device")  # fmt: skip
+        section.row(
+            "3b",
+            f"compute ceiling: predict's per-batch path, {arch_for(section)}, batch {batch}",
+            round(compute, 1),
+            "images/s",
+            note="decoded uint8 batches already on the device",
+        )
     ceilings = {"decode": decode, "compute": compute}
     e2e_rows(section, ensemble, accelerator, urls, sizes, ceilings)
     gpu_rows(section, ensemble, accelerator, urls, sizes, samples, ceilings, device)
@@ -264,18 +278,36 @@ def _versus(rate: float, workers: int, ceilings: dict) -> str:
 
 def e2e_rows(section, ensemble, accelerator, urls, sizes, ceilings) -> None:
     n, batch = sizes["samples"], sizes["batch"]
-    guarded(section, "3c", "warm-up", e2e_rate, ensemble, shard_batches(urls[:1], batch, 1), accelerator,
-            batch, sizes["per_shard"])  # fmt: skip
+    guarded(
+        section,
+        "3c",
+        "warm-up",
+        e2e_rate,
+        ensemble,
+        shard_batches(urls[:1], batch, 1),
+        accelerator,
+        batch,
+        sizes["per_shard"],
+    )
     for workers in sizes["workers"]:
         rid, what = f"3c-{workers}", f"end to end from shards, {workers} loader workers"
         if section.remaining() < (5 if section.dry else 20):
             section.skip(rid, what, "section budget spent", "images/s")
             continue
-        rate = guarded(section, rid, what, e2e_rate, ensemble, shard_batches(urls, batch, workers),
-                       accelerator, batch, n)  # fmt: skip
+        rate = guarded(
+            section, rid, what, e2e_rate, ensemble, shard_batches(urls, batch, workers), accelerator, batch, n
+        )
         if rate:
-            section.row(rid, what, round(rate, 1), "images/s", kind="e2e", workers=workers,
-                        versus=_versus(rate, workers, ceilings), note=f"{n} samples, batch {batch}")  # fmt: skip
+            section.row(
+                rid,
+                what,
+                round(rate, 1),
+                "images/s",
+                kind="e2e",
+                workers=workers,
+                versus=_versus(rate, workers, ceilings),
+                note=f"{n} samples, batch {batch}",
+            )
 
 
 def gpu_rows(section, ensemble, accelerator, urls, sizes, samples, ceilings, device) -> None:
@@ -295,9 +327,25 @@ def gpu_rows(section, ensemble, accelerator, urls, sizes, samples, ceilings, dev
         if section.remaining() < 20:
             section.skip(rid, what, "section budget spent", "images/s")
             continue
-        rate = guarded(section, rid, what, e2e_rate, ensemble,
-                       gpu_decoded_batches(urls, batch, workers, device), accelerator, batch, n)  # fmt: skip
+        rate = guarded(
+            section,
+            rid,
+            what,
+            e2e_rate,
+            ensemble,
+            gpu_decoded_batches(urls, batch, workers, device),
+            accelerator,
+            batch,
+            n,
+        )
         if rate:
-            section.row(rid, what, round(rate, 1), "images/s", kind="e2e", workers=workers,
-                        versus=_versus(rate, workers, {"compute": ceilings["compute"]}),
-                        note="prototype loader (bench/gpu_infer.py), not yet a geoloc.data option")  # fmt: skip
+            section.row(
+                rid,
+                what,
+                round(rate, 1),
+                "images/s",
+                kind="e2e",
+                workers=workers,
+                versus=_versus(rate, workers, {"compute": ceilings["compute"]}),
+                note="prototype loader (bench/gpu_infer.py), not yet a geoloc.data option",
+            )

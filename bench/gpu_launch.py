@@ -41,8 +41,15 @@ def free_port() -> int:
 
 def launch(kind: str, on_gpu: bool) -> tuple[list[str], dict, tuple[str, ...]]:
     """accelerate launch prefix, extra environment and variables to drop, for ddp | zero2 | plain."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
-           "--num_processes", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--main_process_port",
+        str(free_port()),
+        "--num_processes",
+        "1",
+    ]
     if kind == "plain":
         config = "accelerate_configs/1gpu.yaml" if on_gpu else "accelerate_configs/cpu.yaml"
         return cmd + ["--config_file", config], {}, ()
@@ -64,16 +71,18 @@ def run(
     t0 = time.monotonic()
     with open(log, "w") as out:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                timeout=timeout, check=False).returncode  # fmt: skip
+            rc = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = None
     return rc, time.monotonic() - t0
 
 
 def failure(log: Path, rc) -> str:
-    """The most telling line of a failed run's output."""
+    """The most telling line of a failed run's output; its last 80 lines go to gpu_check.log."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    print(f"----- {log.name} (last 80 lines) -----", *lines[-80:], sep="\n", flush=True)
     hits = [ln for ln in lines if "Error" in ln or "error:" in ln]
     last = (hits or lines or ["no output"])[-1][:300]
     return f"{'timed out' if rc is None else f'rc {rc}'}: {last} (log {log.name})"
@@ -93,8 +102,20 @@ def prepare(section) -> dict:
         work / "data", n_train=sizes["n_train"], n_test=sizes["n_test"], seed=0, num_states=6
     )
     shards = work / "shards"
-    cmd = [sys.executable, "shard_dataset.py", "--data-root", str(root), "--out", str(shards),
-           "--val-fraction", "0.25", "--samples-per-shard", str(sizes["per_shard"]), "--workers", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "shard_dataset.py",
+        "--data-root",
+        str(root),
+        "--out",
+        str(shards),
+        "--val-fraction",
+        "0.25",
+        "--samples-per-shard",
+        str(sizes["per_shard"]),
+        "--workers",
+        "2",
+    ]
     rc, _ = run(cmd, {}, (), 300, work / "shard.log")
     if rc != 0:
         raise RuntimeError(failure(work / "shard.log", rc))
@@ -123,12 +144,20 @@ def train_overrides(
     data: dict, backbone: Path, epochs: tuple[int, int], batches: tuple[int, int]
 ) -> list[str]:
     return [
-        "--preset", "smoke", f"model.backbone={backbone}", f"train.cache_dir={data['work'] / 'cache'}",
-        f"train.epochs_frozen={epochs[0]}", f"train.epochs_finetune={epochs[1]}",
-        f"train.frozen_batch_size={batches[0]}", f"train.finetune_batch_size={batches[1]}",
-        "train.finetune_grad_accum=1", "train.save_every_steps=100000", "train.keep_checkpoints=1",
-        "train.patience=0", "data.num_workers=2",
-    ]  # fmt: skip
+        "--preset",
+        "smoke",
+        f"model.backbone={backbone}",
+        f"train.cache_dir={data['work'] / 'cache'}",
+        f"train.epochs_frozen={epochs[0]}",
+        f"train.epochs_finetune={epochs[1]}",
+        f"train.frozen_batch_size={batches[0]}",
+        f"train.finetune_batch_size={batches[1]}",
+        "train.finetune_grad_accum=1",
+        "train.save_every_steps=100000",
+        "train.keep_checkpoints=1",
+        "train.patience=0",
+        "data.num_workers=2",
+    ]
 
 
 def train_row(section, rid: str, kind: str, data: dict, backbone: Path, epochs, batches, cap: float) -> None:
@@ -136,8 +165,14 @@ def train_row(section, rid: str, kind: str, data: dict, backbone: Path, epochs, 
     on_gpu = torch.cuda.is_available()
     out_dir = data["work"] / f"run_{rid}"
     prefix, extra, drop = launch(kind, on_gpu)
-    cmd = prefix + ["train.py", "--shards", str(data["shards"]), "--output-dir", str(out_dir),
-                    *train_overrides(data, backbone, epochs, batches)]  # fmt: skip
+    cmd = prefix + [
+        "train.py",
+        "--shards",
+        str(data["shards"]),
+        "--output-dir",
+        str(out_dir),
+        *train_overrides(data, backbone, epochs, batches),
+    ]
     rc, seconds = run(
         cmd, extra, drop, max(10.0, min(cap, section.remaining() - 5)), data["work"] / f"{rid}.log"
     )
@@ -153,12 +188,21 @@ def train_row(section, rid: str, kind: str, data: dict, backbone: Path, epochs, 
         "ok"
         if updates == want and ran_as == expected_type(kind, on_gpu)
         else (
-            f"error: {updates} updates logged (expected {want}), ran as {ran_as} (expected {expected_type(kind, on_gpu)})"
+            f"error: {updates} updates logged (expected {want}), "
+            f"ran as {ran_as} (expected {expected_type(kind, on_gpu)})"
         )
     )
-    section.row(rid, what, updates, "updates", status=status, kind="launch", run_dir=str(out_dir),
-                note=f"{seconds:.0f} s incl. start-up; {ran_as}; best val score {best:.3f}; "
-                f"epochs {epochs[0]}+{epochs[1]}")  # fmt: skip
+    section.row(
+        rid,
+        what,
+        updates,
+        "updates",
+        status=status,
+        kind="launch",
+        run_dir=str(out_dir),
+        note=f"{seconds:.0f} s incl. start-up; {ran_as}; best val score {best:.3f}; "
+        f"epochs {epochs[0]}+{epochs[1]}",
+    )
 
 
 def expected_type(kind: str, on_gpu: bool) -> str:
@@ -181,8 +225,16 @@ def infer_row(section, rid: str, data: dict, run_id: str, cap: float) -> None:
         return
     out = data["work"] / f"submission_{run_id}.csv"
     prefix, extra, drop = launch("plain", torch.cuda.is_available())
-    cmd = prefix + ["infer.py", "--model", str(model), "--shards", str(data["shards"]), "--out", str(out),
-                    "--no-progress"]  # fmt: skip
+    cmd = prefix + [
+        "infer.py",
+        "--model",
+        str(model),
+        "--shards",
+        str(data["shards"]),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     rc, seconds = run(
         cmd, extra, drop, max(10.0, min(cap, section.remaining() - 5)), data["work"] / f"{rid}.log"
     )
@@ -197,38 +249,35 @@ def infer_row(section, rid: str, data: dict, run_id: str, cap: float) -> None:
     )
 
 
+# (row id, config, backbone, (frozen, fine-tune) epochs, (frozen, fine-tune) batch, time cap in seconds)
+GPU_RUNS = (
+    ("4a", "ddp", "tiny", (8, 8), (8, 4), 60),  # 72 + 144 = 216 updates
+    ("4b", "zero2", "tiny", (4, 4), (8, 4), 60),  # 108 updates
+    ("4c", "ddp", "vitl", (1, 1), (8, 8), 75),  # 9 + 9 updates
+    ("4d", "zero2", "vitl", (1, 1), (8, 8), 75),
+)
+DRY_RUNS = (
+    ("4a", "ddp", "tiny", (1, 1), (8, 4), 150),  # 3 + 4 updates
+    ("4b", "zero2", "tiny", (1, 1), (8, 4), 240),  # DeepSpeed builds its CPU comm op on first use (~60 s)
+)
+
+
 def section_launch(section) -> None:
     data = guarded(section, "4", "data and tiny CLIP for the launches", prepare, section)
     if data is None:
         return
-    dry = section.dry
-    tiny_epochs, tiny_cap = ((1, 1), 150) if dry else ((8, 8), 60)
-    guarded(section, "4a", "train.py DDP tiny", train_row, section, "4a", "ddp", data, data["tiny"],
-            tiny_epochs, (8, 4), tiny_cap)  # fmt: skip
-    guarded(section, "4b", "train.py ZeRO-2 tiny", train_row, section, "4b", "zero2", data, data["tiny"],
-            (1, 1) if dry else (4, 4), (8, 4), 240 if dry else 60)  # fmt: skip
-    if dry:
+    backbones = {"tiny": data["tiny"]}
+    if section.dry:
         for rid, kind in (("4c", "DDP"), ("4d", "ZeRO-2")):
-            section.skip(rid, f"accelerate launch train.py, {kind}, ViT-L/14-336", "dry mode (ViT-L needs a "
-                         "GPU; tests/test_real_size.py runs it through the CLIs on a CPU)", "updates")  # fmt: skip
-        guarded(section, "4e", "infer.py", infer_row, section, "4e", data, "4a", 90)
-        return
-    vitl = guarded(section, "4c", "StreetCLIP-shaped checkpoint", streetclip_dir, data["work"])
-    if vitl is not None:
-        guarded(
-            section,
-            "4c",
-            "train.py DDP ViT-L",
-            train_row,
-            section,
-            "4c",
-            "ddp",
-            data,
-            vitl,
-            (1, 1),
-            (8, 8),
-            75,
+            reason = "dry mode (ViT-L needs a GPU; tests/test_real_size.py runs it through the CLIs on a CPU)"
+            section.skip(rid, f"accelerate launch train.py, {kind}, ViT-L/14-336", reason, "updates")
+    else:
+        backbones["vitl"] = guarded(
+            section, "4c", "StreetCLIP-shaped checkpoint", streetclip_dir, data["work"]
         )
-        guarded(section, "4d", "train.py ZeRO-2 ViT-L", train_row, section, "4d", "zero2", data, vitl, (1, 1),
-                (8, 8), 75)  # fmt: skip
-    guarded(section, "4e", "infer.py", infer_row, section, "4e", data, "4c" if vitl is not None else "4a", 40)
+    for rid, kind, backbone, epochs, batches, cap in DRY_RUNS if section.dry else GPU_RUNS:
+        if backbones[backbone] is not None:
+            run = (section, rid, kind, data, backbones[backbone], epochs, batches, cap)
+            guarded(section, rid, f"train.py {kind} {backbone}", train_row, *run)
+    source = "4c" if backbones.get("vitl") is not None else "4a"
+    guarded(section, "4e", "infer.py", infer_row, section, "4e", data, source, 90 if section.dry else 40)

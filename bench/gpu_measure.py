@@ -14,7 +14,7 @@ import time
 
 import torch
 from gpu_common import guarded
-from train_step import ARCHS, NUM_VIEWS, build, fake_batch, finetune_step, train_flops_per_image
+from train_step import ARCHS, NUM_VIEWS, build, fake_batch, finetune_step, peak_tflops, train_flops_per_image
 
 from geoloc.model import enable_gradient_checkpointing, head_parameters, param_groups, set_backbone_trainable
 from geoloc.preprocess import Preprocessor
@@ -64,10 +64,9 @@ def free(device: torch.device) -> None:
 
 
 def build_on(arch: str, device: torch.device):
-    """GeoModel with random weights created on ``device`` (no host-side init of 300 M weights)."""
+    """GeoModel with random weights (seeded), moved to ``device``."""
     torch.manual_seed(0)
-    with torch.device(device):
-        return build(arch, "projection", 50, device)
+    return build(arch, "projection", 50, device)
 
 
 # ----------------------------------------------------------------------------- 0: matmul ceiling
@@ -80,7 +79,7 @@ def matmul_tflops(
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(warmup):
         a @ b
-    times = [seconds_per_call(lambda: a @ b, 1, device) for _ in range(runs)]
+    times = [seconds_per_call(lambda: a @ b, 5, device) for _ in range(runs)]  # 5 back to back per sample
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
@@ -89,10 +88,12 @@ def section_matmul(section) -> None:
     n = 1024 if section.dry else 8192
     what = f"bf16 matmul {n}^3 on {device.type} (ceiling)"
     tflops = matmul_tflops(n, device)
-    section.row(
-        "0", what, float(f"{tflops:.4g}"), "TFLOP/s", note="median of 10 after 3 warm-ups, random data"
-    )
-    section.provide(ceiling_tflops=tflops, ceiling_device=device.type)
+    datasheet = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    note = "median of 10 x 5 products after 3 warm-ups, random data"
+    if datasheet:
+        note += f"; {tflops / datasheet:.0%} of the datasheet's {datasheet:.0f} TFLOP/s dense bf16"
+    section.row("0", what, float(f"{tflops:.4g}"), "TFLOP/s", note=note)
+    section.provide(ceiling_tflops=tflops, ceiling_device=device.type, datasheet_tflops=datasheet)
 
 
 # ----------------------------------------------------------------------------- 1: fine-tune step
@@ -222,9 +223,18 @@ def finetune_variant(section, rid: str, checkpointing: bool, compiled: str | Non
     images_s = NUM_VIEWS * n / step_s
     tflops = flops_per_image(model, arch) * images_s / 1e12
     capped = " (the largest size tried)" if n == sizes[-1] else ""
-    section.row(rid, label, round(images_s, 1), "images/s", kind="finetune", tflops=tflops, batch=n,
-                checkpointing=checkpointing, compiled=bool(compiled),
-                note=f"batch {n} x {NUM_VIEWS} views{capped}; {step_s * 1e3:.0f} ms/step; {attention}")  # fmt: skip
+    section.row(
+        rid,
+        label,
+        round(images_s, 1),
+        "images/s",
+        kind="finetune",
+        tflops=tflops,
+        batch=n,
+        checkpointing=checkpointing,
+        compiled=bool(compiled),
+        note=f"batch {n} x {NUM_VIEWS} views{capped}; {step_s * 1e3:.0f} ms/step; {attention}",
+    )
     memory_row(section, rid + "m", label, fits, device, checkpointing)
     section.provide(**{f"batch_{'ckpt' if checkpointing else 'plain'}": n})
     del model, opt
@@ -240,15 +250,29 @@ def memory_row(section, rid: str, label: str, fits, device, checkpointing: bool)
         return
     line = linear_fit(fits)
     if line is None:
-        section.row(rid, what, None, "GB/sample", status="ok",
-                    note=f"one batch size fitted: peak {fits[0][1] / GB:.1f} GB at {fits[0][0]} samples")  # fmt: skip
+        section.row(
+            rid,
+            what,
+            None,
+            "GB/sample",
+            status="ok",
+            note=f"one batch size fitted: peak {fits[0][1] / GB:.1f} GB at {fits[0][0]} samples",
+        )
         return
     slope, intercept = line
     tried = ", ".join(f"{n}:{p / GB:.1f}" for n, p in fits)
-    section.row(rid, what, round(slope / GB, 3), "GB/sample", per_image_gb=slope / GB / NUM_VIEWS,
-                static_gb=intercept / GB, kind="memory", checkpointing=checkpointing,
-                note=f"{slope / GB / NUM_VIEWS:.3f} GB/image, static {intercept / GB:.1f} GB; fits with "
-                f"{HEADROOM:.0%} free: {predicted_batches(slope, intercept)}; peaks (samples:GB) {tried}")  # fmt: skip
+    section.row(
+        rid,
+        what,
+        round(slope / GB, 3),
+        "GB/sample",
+        per_image_gb=slope / GB / NUM_VIEWS,
+        static_gb=intercept / GB,
+        kind="memory",
+        checkpointing=checkpointing,
+        note=f"{slope / GB / NUM_VIEWS:.3f} GB/image, static {intercept / GB:.1f} GB; fits with "
+        f"{HEADROOM:.0%} free: {predicted_batches(slope, intercept)}; peaks (samples:GB) {tried}",
+    )
 
 
 def section_finetune(section) -> None:
@@ -306,7 +330,14 @@ def section_embed(section) -> None:
         what = f"embedding pass (no_grad, bf16), {arch}, batch {n} samples"
         rate = guarded(section, rid, what, embed_rate, model, pre, n, device, 0.3 if section.dry else 4)
         if rate is not None:
-            section.row(rid, what, round(rate, 1), "images/s", kind="embed", tflops=fwd_flops * rate / 1e12,
-                        note="uint8 256 px views -> Preprocessor -> forward_features")  # fmt: skip
+            section.row(
+                rid,
+                what,
+                round(rate, 1),
+                "images/s",
+                kind="embed",
+                tflops=fwd_flops * rate / 1e12,
+                note="uint8 256 px views -> Preprocessor -> forward_features",
+            )
     best = max((r["value"] for r in section.rows if r["data"].get("kind") == "embed"), default=None)
     section.provide(embed_images_per_s=best)

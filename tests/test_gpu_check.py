@@ -21,8 +21,13 @@ from gpu_common import Section, guarded
 from gpu_measure import linear_fit
 from gpu_table import COLUMNS, goal_rows
 
-ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 # measured on a CPU: a number each
 NUMBERS = {
     "0",
@@ -59,8 +64,9 @@ def dry_run(tmp_path_factory):
         "--work-dir",
         str(out / "work"),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900,
-                          check=False)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, out / "out"
 
@@ -160,3 +166,53 @@ def test_goal_rows_judge_the_best_measurement_against_the_goal():
     assert g2["status"].startswith("error: no measurement")
     assert g3["value"] == 1200.0 and not g3["data"]["goal_met"] and "missed by 20%" in g3["note"]
     assert g4["status"].startswith("skipped: ")
+
+
+# ----------------------------------------------------------------------------- GPU-only paths, faked
+
+
+def test_batch_search_stops_at_the_first_size_that_does_not_fit(monkeypatch):
+    import gpu_measure
+
+    peaks = {4: 10e9, 8: 20e9, 16: None, 32: 80e9}  # 16 samples run out of memory
+    monkeypatch.setattr(gpu_measure, "try_batch", lambda model, opt, arch, n, device: peaks[n])
+    fits = gpu_measure.search_batch(None, None, "tiny", None, (4, 8, 16, 32), deadline=float("inf"))
+    assert fits == [(4, 10e9), (8, 20e9)]
+
+
+def test_timing_falls_back_to_a_smaller_batch_when_the_largest_runs_out_of_memory(monkeypatch):
+    import gpu_measure
+
+    class Opt:
+        def zero_grad(self, set_to_none):
+            pass
+
+    def time_steps(model, opt, arch, n, device, seconds):
+        if n == 8:
+            raise gpu_measure.OOM("CUDA out of memory")
+        return 0.5
+
+    monkeypatch.setattr(gpu_measure, "time_steps", time_steps)
+    monkeypatch.setattr(gpu_measure, "free", lambda device: None)
+    assert gpu_measure.timed_largest(None, Opt(), "tiny", [4, 8], None, 1.0) == (4, 0.5)
+
+
+def test_memory_row_turns_allocator_peaks_into_gb_per_sample_and_card_fits(tmp_path):
+    import torch
+    from gpu_measure import memory_row
+
+    section = _section(tmp_path)
+    fits = [(4, 6.7e9 + 4 * 2.75e9), (8, 6.7e9 + 8 * 2.75e9), (16, 6.7e9 + 16 * 2.75e9)]
+    memory_row(
+        section,
+        "1am",
+        "fine-tune step, vit, activation checkpointing off, eager",
+        fits,
+        torch.device("cuda"),
+        False,
+    )
+    (row,) = section.rows
+    assert row["value"] == pytest.approx(2.75) and row["data"]["static_gb"] == pytest.approx(6.7)
+    assert "A100 40GB: 10 samples" in row["note"] and "H100 80GB: 23 samples" in row["note"]
+    (g4,) = [g for g in goal_rows(section.rows, {}, dry=False) if g["id"] == "G4"]
+    assert g4["status"] == "ok" and g4["value"] == pytest.approx(2.75) and "A100 40GB: 10" in g4["note"]
