@@ -250,14 +250,8 @@ def memory_row(section, rid: str, label: str, fits, device, checkpointing: bool)
         return
     line = linear_fit(fits)
     if line is None:
-        section.row(
-            rid,
-            what,
-            None,
-            "GB/sample",
-            status="ok",
-            note=f"one batch size fitted: peak {fits[0][1] / GB:.1f} GB at {fits[0][0]} samples",
-        )
+        reason = f"one batch size fitted, no line: peak {fits[0][1] / GB:.1f} GB at {fits[0][0]} samples"
+        section.skip(rid, what, reason, "GB/sample")
         return
     slope, intercept = line
     tried = ", ".join(f"{n}:{p / GB:.1f}" for n, p in fits)
@@ -271,7 +265,8 @@ def memory_row(section, rid: str, label: str, fits, device, checkpointing: bool)
         kind="memory",
         checkpointing=checkpointing,
         note=f"{slope / GB / NUM_VIEWS:.3f} GB/image, static {intercept / GB:.1f} GB; fits with "
-        f"{HEADROOM:.0%} free: {predicted_batches(slope, intercept)}; peaks (samples:GB) {tried}",
+        f"{HEADROOM:.0%} free: {predicted_batches(slope, intercept)}; peaks (samples:GB) {tried}; one "
+        "process: DDP's gradient buckets (4 bytes a weight, 1.2 GB for ViT-L) come on top",
     )
 
 

@@ -74,13 +74,27 @@ def batch_goal_row(rows: list[dict], dry: bool) -> dict:
         reason = "needs the CUDA allocator (row 1am)" if dry else "no memory line measured (row 1am)"
         return {**row, "status": f"skipped: {reason}"}
     m = mem[0]
+    fits = {
+        card: cards_fit(m["value"], m["data"]["static_gb"], gb)
+        for card, gb in (("A100 40GB", 40), ("H100 80GB", 80))
+    }
+    verdict = ", ".join(
+        f"{card}: {t.finetune_batch_size} {'fits' if n >= t.finetune_batch_size else 'does NOT fit'} "
+        f"(max {n})"
+        for card, n in fits.items()
+    )
     return {
         **row,
         "value": m["value"],
         "status": "ok",
         "note": m["note"],
-        "data": {"versus": f"default batch {t.finetune_batch_size}: compare with the A100 40GB fit"},
+        "data": {"versus": verdict, "fits": fits},
     }
+
+
+def cards_fit(gb_per_sample: float, static_gb: float, card_gb: float, headroom: float = 0.1) -> int:
+    """Places per forward that fit a card of ``card_gb`` with ``headroom`` of it kept free."""
+    return max(int((card_gb * (1 - headroom) - static_gb) // gb_per_sample), 0)
 
 
 def goal_rows(rows: list[dict], context: dict, dry: bool) -> list[dict]:

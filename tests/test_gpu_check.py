@@ -216,3 +216,5 @@ def test_memory_row_turns_allocator_peaks_into_gb_per_sample_and_card_fits(tmp_p
     assert "A100 40GB: 10 samples" in row["note"] and "H100 80GB: 23 samples" in row["note"]
     (g4,) = [g for g in goal_rows(section.rows, {}, dry=False) if g["id"] == "G4"]
     assert g4["status"] == "ok" and g4["value"] == pytest.approx(2.75) and "A100 40GB: 10" in g4["note"]
+    assert g4["data"]["fits"] == {"A100 40GB": 10, "H100 80GB": 23}
+    assert "A100 40GB: 8 fits (max 10)" in g4["data"]["versus"]
