@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -73,8 +72,9 @@ DRY_BUDGET_S = 600
 def run_child(args) -> int:
     import importlib
 
-    from gpu_common import Section
+    from gpu_common import Section, stop_groups_on_sigterm
 
+    stop_groups_on_sigterm()
     module, func, _, _ = SECTIONS[args.section]
     section = Section(
         args.section,
@@ -130,6 +130,8 @@ def run_section(args, name: str, timeout: float, context: dict, log, grace: floa
     The child gets ``timeout`` as its deadline and its long loops check it; ``grace`` seconds later the
     parent kills its whole process group (launches included), keeping the rows saved so far.
     """
+    from gpu_common import stop_group
+
     result = Path(args.work_dir) / f"result_{name}.json"
     result.unlink(missing_ok=True)
     log.write(f"\n===== section {name} (timeout {timeout:.0f} s) =====\n")
@@ -145,8 +147,7 @@ def run_section(args, name: str, timeout: float, context: dict, log, grace: floa
     try:
         rc = proc.wait(timeout=timeout + grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc.pid, proc.wait)  # SIGTERM: the section stops its launches; then SIGKILL
         rc = None
     got = json.loads(result.read_text()) if result.is_file() else {"rows": [], "provides": {}}
     elapsed = time.monotonic() - start

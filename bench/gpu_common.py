@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -73,3 +75,50 @@ def guarded(section: Section, rid: str, what: str, fn, *a, **kw):
         traceback.print_exc()
         section.error(rid, what, err)
         return None
+
+
+# ----------------------------------------------------------------------------- process groups
+
+_GROUPS: set[int] = set()  # process groups this process started and has not reaped yet
+
+
+def run_group(cmd: list[str], timeout: float, **popen) -> int | None:
+    """Run ``cmd`` in its own process group; its return code, or None when it ran past ``timeout``.
+
+    On timeout the group gets SIGTERM first: ``accelerate launch`` (torch's elastic agent) then stops
+    its ranks, which live in sessions of their own and would outlive a SIGKILL of the launcher.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    _GROUPS.add(proc.pid)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc.pid, proc.wait)
+        return None
+    finally:
+        _GROUPS.discard(proc.pid)
+
+
+def stop_group(pgid: int, wait, grace: float = 10.0) -> None:
+    """SIGTERM the group, SIGKILL it if still there after ``grace`` seconds; ``wait(timeout=)`` reaps."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_groups_on_sigterm() -> None:
+    """A section told to stop (SIGTERM from gpu_check's parent) stops its launches first, then exits."""
+
+    def handler(signum, frame):
+        for pgid in list(_GROUPS):
+            stop_group(pgid, lambda timeout: time.sleep(timeout), grace=5.0)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_common import guarded
+from gpu_common import guarded, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"ddp": "accelerate_configs/4xa100.yaml", "zero2": "accelerate_configs/4xa100_zero2.yaml"}
@@ -70,12 +70,7 @@ def run(
     env = {k: v for k, v in {**os.environ, **extra}.items() if k not in drop}
     t0 = time.monotonic()
     with open(log, "w") as out:
-        try:
-            rc = subprocess.run(
-                cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc = run_group(cmd, timeout, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     return rc, time.monotonic() - t0
 
 

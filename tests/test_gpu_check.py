@@ -218,3 +218,53 @@ def test_memory_row_turns_allocator_peaks_into_gb_per_sample_and_card_fits(tmp_p
     assert g4["status"] == "ok" and g4["value"] == pytest.approx(2.75) and "A100 40GB: 10" in g4["note"]
     assert g4["data"]["fits"] == {"A100 40GB": 10, "H100 80GB": 23}
     assert "A100 40GB: 8 fits (max 10)" in g4["data"]["versus"]
+
+
+# ----------------------------------------------------------------------------- stopping launches
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+AGENT = """
+import signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(worker.pid))
+signal.signal(signal.SIGTERM, lambda *a: (worker.terminate(), worker.wait(), sys.exit(0)))
+time.sleep(60)
+"""
+
+
+def test_a_launch_past_its_time_stops_its_ranks_too(tmp_path):
+    """Like accelerate's elastic agent, the fake launcher's worker lives in its own session: only a
+    SIGTERM to the launcher (before any SIGKILL) takes it down."""
+    from gpu_common import run_group
+
+    pid_file = tmp_path / "worker.pid"
+    assert run_group([sys.executable, "-c", AGENT, str(pid_file)], timeout=3) is None
+    assert not _alive(int(pid_file.read_text()))
+
+
+def test_a_stopped_section_stops_its_running_launch(tmp_path):
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    section = (
+        "import sys; sys.path.insert(0, 'bench'); from gpu_common import run_group, stop_groups_on_sigterm; "
+        f"stop_groups_on_sigterm(); run_group([sys.executable, '-c', {AGENT!r}, {str(pid_file)!r}], timeout=60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", section], cwd=REPO)
+    for _ in range(100):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not _alive(int(pid_file.read_text()))
