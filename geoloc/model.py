@@ -396,11 +396,16 @@ def param_groups(
     return list(groups.values())
 
 
-def enable_gradient_checkpointing(model: GeoModel) -> None:
-    """Recompute backbone activations in backward (transformers 5 name first, old name as fallback)."""
+def enable_gradient_checkpointing(model: GeoModel, use_reentrant: bool = False) -> None:
+    """Recompute backbone activations in backward (transformers 5 name first, old name as fallback).
+
+    Non-reentrant, whatever the installed transformers defaults to (its older releases chose reentrant):
+    a reentrant checkpoint whose inputs need no grad (the output of frozen blocks, with
+    ``train.unfreeze_last_n``) returns outputs without grad, so the unfrozen blocks would get none.
+    """
     hf = model.backbone.model
     enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
-    enable()
+    enable({"use_reentrant": use_reentrant})  # first parameter of both: the torch checkpoint kwargs
 
 
 def head_parameters(model: GeoModel) -> list[nn.Parameter]:
