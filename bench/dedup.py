@@ -1,0 +1,181 @@
+"""Near-duplicate detection cost: the matcher at competition scale, and shard_dataset --dedup report vs off.
+
+    OMP_NUM_THREADS=1 python bench/dedup.py [--n-train 66000] [--n-test 16000] [--naive-n 3000] \\
+        [--data-train 2000] [--data-test 500] [--workers 2] [--work-dir DIR]     # repo root
+
+(1) Matching: random 1024-bit view hashes for ``n_train + n_test`` samples x 4 views, with 1% of the
+    train samples planted as near copies of test samples (per view 0-3 coarse and 10-100 other bits
+    flipped: the spread measured on re-encoded and resized generated views). Times
+    ``dedup.near_pairs`` (banded, exact) on all of them, and the naive all-pairs numpy popcount
+    (``dedup.brute_force_pairs``) on a ``--naive-n`` subsample, where both run and must agree; the naive
+    time is extrapolated to the full size by the pair count (it is quadratic). The naive baseline is
+    blocked (256 rows against all later ones: one (256, n, 4) XOR + popcount of the coarse words, then
+    all bits of the survivors), the fastest plain numpy all-pairs found here. Prints the ratio.
+(2) Sharding: a generated data set (``geoloc.synth``, 256 px views) sharded with ``--dedup off`` and
+    ``--dedup report`` (best of 2 each), the overhead of hashing, and the pairs found (the "gain").
+Record the figures and the machine in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from geoloc.sharding import dedup
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=66000, help="train samples for the matching part")
+    p.add_argument("--n-test", type=int, default=16000, help="test samples for the matching part")
+    p.add_argument("--naive-n", type=int, default=3000, help="subsample on which the naive baseline runs")
+    p.add_argument("--data-train", type=int, default=2000, help="generated train samples to shard (0: skip)")
+    p.add_argument("--data-test", type=int, default=500, help="generated test samples to shard")
+    p.add_argument("--workers", type=int, default=2, help="shard_dataset --workers")
+    p.add_argument("--work-dir", default="", help="where the generated data goes (default: a temp dir)")
+    return p.parse_args(argv)
+
+
+def planted_hashes(n_train: int, n_test: int, seed: int = 0):
+    """``(codes, present, query, (target, source) pairs)``: random hashes, 1% of the train samples near
+    copies of test samples."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    codes = rng.integers(0, 2**64, size=(n, 4, dedup.WORDS), dtype=np.uint64)
+    copies = rng.choice(n_train, size=max(1, n_train // 100), replace=False)
+    sources = n_train + rng.integers(n_test, size=len(copies))
+    for target, source in zip(copies, sources):
+        codes[target] = codes[source]
+        for v in range(4):
+            for bit in rng.choice(64, size=rng.integers(0, 4), replace=False):  # coarse flips
+                codes[target, v, 0] ^= np.uint64(1) << np.uint64(bit)
+            for bit in rng.choice(960, size=rng.integers(10, 101), replace=False):  # the other 960 bits
+                codes[target, v, 1 + bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
+    present = np.ones((n, 4), dtype=bool)
+    return codes, present, np.arange(n) < n_train, np.stack([copies, sources], 1)
+
+
+def blocked_all_pairs(codes, present, query, block=256):
+    """The naive baseline: every pair with a query sample; per view, a (block, n) slab of coarse-word
+    XOR + popcount (contiguous 2-D numpy, the fastest plain all-pairs found here), then all bits of the
+    pairs within the coarse bound."""
+    n = len(codes)
+    coarse_words = np.ascontiguousarray(codes[:, :, 0].T)  # (V, N)
+    have = np.ascontiguousarray(present.T)  # (V, N)
+    found = []
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        coarse = np.zeros((len(rows), n), dtype=np.int16)  # (B, N) differing coarse bits
+        views = np.zeros((len(rows), n), dtype=np.int16)  # (B, N) shared views
+        for v in range(codes.shape[1]):
+            shared = have[v, rows, None] & have[v, None, :]
+            coarse += np.where(shared, np.bitwise_count(coarse_words[v, rows, None] ^ coarse_words[v]), 0)
+            views += shared
+        ok = (coarse <= dedup.COARSE_PER_VIEW * views) & (views >= dedup.MIN_SHARED_VIEWS)
+        ok &= (np.arange(n)[None, :] > rows[:, None]) & (query[rows, None] | query[None, :])
+        i, j = np.nonzero(ok)
+        found.append(
+            dedup.check_pairs(
+                codes,
+                present,
+                rows[i],
+                j,
+                dedup.DEFAULT_THRESHOLD,
+                dedup.COARSE_PER_VIEW,
+                dedup.MIN_SHARED_VIEWS,
+            )
+        )
+    return tuple(np.concatenate(x).astype(np.int64) for x in zip(*found))
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - t
+
+
+def query_pairs(n: int, n_query: int) -> float:
+    """Pairs with at least one query sample: what both matchers are asked about."""
+    return n * (n - 1) / 2 - (n - n_query) * (n - n_query - 1) / 2
+
+
+def bench_matching(args) -> None:
+    codes, present, query, pairs = planted_hashes(args.n_train, args.n_test)
+    n = len(codes)
+    found, fast = timed(dedup.near_pairs, codes, present, query)
+    # the subsample holds 100 planted pairs (so agreement is tested on found pairs), the rest at random
+    some = np.unique(pairs[:100].ravel())
+    rest = np.setdiff1d(np.arange(n), some)
+    sub = np.sort(
+        np.r_[some, np.random.default_rng(1).choice(rest, size=args.naive_n - len(some), replace=False)]
+    )
+    c, p, q = codes[sub], present[sub], query[sub]
+    small_fast, t_small_fast = timed(dedup.near_pairs, c, p, q)
+    small_naive, t_naive = timed(blocked_all_pairs, c, p, q)
+    assert all((a == b).all() for a, b in zip(small_fast, small_naive)), "near_pairs != brute force"
+    naive_full = t_naive * query_pairs(n, int(query.sum())) / query_pairs(len(sub), int(q.sum()))
+    print(f"(1) matching {args.n_train} train + {args.n_test} test samples x 4 views ({n * 4} hashes)")
+    print(
+        f"    planted copies {len(pairs)}, pairs found {len(found[0])} (copies of one test sample also pair)"
+    )
+    print(f"    near_pairs (banded, exact): {fast:.2f} s")
+    print(
+        f"    naive all-pairs on {len(sub)} samples: {t_naive:.2f} s (near_pairs there: {t_small_fast:.3f} s, "
+        f"same {len(small_naive[0])} pairs)"
+    )
+    print(f"    naive extrapolated to {n} samples: {naive_full:.0f} s")
+    print(f"    ratio naive / near_pairs: {naive_full / fast:.0f}x")
+
+
+def bench_sharding(args) -> None:
+    from geoloc.sharding import shard_dataset
+    from geoloc.synth import generate_dataset
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_dedup_"))
+    root = work / "data"
+    if not (root / "train_ground_truth.csv").is_file():
+        generate_dataset(root, n_train=args.data_train, n_test=args.data_test, seed=0, num_states=50)
+    times, near = {}, None
+    for _ in range(2):
+        for mode in ("off", "report"):
+            manifest, t = timed(
+                shard_dataset, root, work / f"shards_{mode}", workers=args.workers, progress=False, dedup=mode
+            )
+            times[mode] = min(times.get(mode, t), t)
+            near = manifest["near_duplicates"] if mode == "report" else near
+    n = args.data_train + args.data_test
+    print(
+        f"(2) sharding {args.data_train} train + {args.data_test} test generated samples (256 px), "
+        f"--workers {args.workers}, best of 2"
+    )
+    for mode, t in times.items():
+        print(f"    --dedup {mode}: {t:.1f} s ({n / t:.0f} samples/s)")
+    print(
+        f"    hashing + matching overhead: {times['report'] / times['off']:.2f}x the off run "
+        f"(+{times['report'] - times['off']:.1f} s)"
+    )
+    print(
+        f"    pairs found: train-test {near['train_test']}, train-val {near['train_val']}, "
+        f"train-train {near['train_train']}"
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"numpy {np.__version__}"
+    )
+    bench_matching(args)
+    if args.data_train:
+        bench_sharding(args)
+
+
+if __name__ == "__main__":
+    main()
