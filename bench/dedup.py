@@ -13,12 +13,17 @@
     all bits of the survivors), the fastest plain numpy all-pairs found here. Prints the ratio.
 (2) Sharding: a generated data set (``geoloc.synth``, 256 px views) sharded with ``--dedup off`` and
     ``--dedup report`` (best of 2 each), the overhead of hashing, and the pairs found (the "gain").
+(3) Distributions behind the default threshold, on the data of (2): bits/view (of 1024, averaged over
+    the 4 views) between each of the first ``--copies`` train samples and its planted copies (JPEG
+    quality 50/70/90, resized 256->240->256 / ->272->256, kept at 240 px, 240 px and quality 70), and
+    between all pairs of distinct samples (with the closest pairs' states and distance in km).
 Record the figures and the machine in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import tempfile
@@ -38,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--data-train", type=int, default=2000, help="generated train samples to shard (0: skip)")
     p.add_argument("--data-test", type=int, default=500, help="generated test samples to shard")
     p.add_argument("--workers", type=int, default=2, help="shard_dataset --workers")
+    p.add_argument("--copies", type=int, default=200, help="samples copied per copy kind for (3)")
     p.add_argument("--work-dir", default="", help="where the generated data goes (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -164,6 +170,87 @@ def bench_sharding(args) -> None:
         f"    pairs found: train-test {near['train_test']}, train-val {near['train_val']}, "
         f"train-train {near['train_train']}"
     )
+    return root
+
+
+COPY_KINDS = ("q50", "q70", "q90", "r240", "r272", "k240", "k240q70")
+
+
+def copy_bytes(data: bytes, kind: str) -> bytes:
+    """A copy of a JPEG: qNN re-encoded; rNNN resized to NNN and back (q75); k240 kept at 240 px (q85)."""
+    from PIL import Image
+
+    img, buf = Image.open(io.BytesIO(data)).convert("RGB"), io.BytesIO()
+    if kind.startswith("q"):
+        img.save(buf, format="JPEG", quality=int(kind[1:]))
+    elif kind.startswith("r"):
+        side = int(kind[1:])
+        img.resize((side, side), Image.BICUBIC).resize(img.size, Image.BICUBIC).save(buf, "JPEG", quality=75)
+    else:
+        img.resize((240, 240), Image.BICUBIC).save(
+            buf, format="JPEG", quality=70 if kind.endswith("q70") else 85
+        )
+    return buf.getvalue()
+
+
+def sample_hashes(views: list[bytes]) -> np.ndarray:
+    """``(V, WORDS)`` hash words of one sample's view bytes."""
+    from PIL import Image
+
+    rows = []
+    for data in views:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rows.append(np.frombuffer(dedup.view_hash(img), dtype="<u8"))
+    return np.stack(rows)
+
+
+def bits_per_view(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean differing bits per view between ``a`` ``(..., V, WORDS)`` and ``b``."""
+    return np.bitwise_count(a ^ b).sum(-1).mean(-1)
+
+
+def bench_distributions(args, root: Path) -> None:
+    import pandas as pd
+
+    from geoloc import contract
+    from geoloc.geo import haversine_km
+    from geoloc.synth import ANSWERS_CSV
+
+    table = pd.concat(
+        [pd.read_csv(root / n, dtype={"sample_id": str}) for n in (contract.TRAIN_CSV, ANSWERS_CSV)]
+    )
+    folders = [contract.TRAIN_IMAGES] * args.data_train + [contract.TEST_IMAGES] * args.data_test
+    views = [
+        [(root / folder / f"img_{sid}_{v}.jpg").read_bytes() for v in contract.VIEWS]
+        for sid, folder in zip(table["sample_id"], folders)
+    ]
+    codes = np.stack([sample_hashes(v) for v in views])  # (N, V, WORDS)
+    print(f"(3) bits/view (of 1024) on the data of (2); threshold {dedup.DEFAULT_THRESHOLD}")
+    for kind in COPY_KINDS:
+        copies = np.stack([sample_hashes([copy_bytes(d, kind) for d in v]) for v in views[: args.copies]])
+        d = bits_per_view(codes[: args.copies], copies)
+        coarse = np.bitwise_count(codes[: args.copies, :, 0] ^ copies[:, :, 0]).mean(-1)
+        print(
+            f"    copy {kind:8s}: mean {d.mean():6.1f}  p99 {np.percentile(d, 99):6.1f}  max {d.max():6.1f}  "
+            f"(coarse bits/view max {coarse.max():.2f}, bound {dedup.COARSE_PER_VIEW})"
+        )
+    n = len(codes)
+    dist = np.full((n, n), np.inf)
+    for s in range(0, n, 128):
+        dist[s : s + 128] = bits_per_view(codes[s : s + 128, None], codes[None])
+    dist[np.tril_indices(n)] = np.inf
+    flat = dist[np.isfinite(dist)]
+    print(
+        f"    distinct pairs ({len(flat)}): min {flat.min():.1f}  0.001% {np.percentile(flat, 0.001):.1f}  "
+        f"0.1% {np.percentile(flat, 0.1):.1f}  median {np.median(flat):.1f}; "
+        f"<= threshold: {(flat <= dedup.DEFAULT_THRESHOLD).sum()}"
+    )
+    lat, lon, state = table["latitude"].to_numpy(), table["longitude"].to_numpy(), table["state"].to_numpy()
+    for k in np.argsort(dist, axis=None)[:5]:
+        i, j = divmod(int(k), n)
+        km = float(haversine_km(lat[i], lon[i], lat[j], lon[j]))
+        print(f"    closest: {dist[i, j]:.1f} bits/view, {state[i]} / {state[j]}, {km:.1f} km apart")
 
 
 def main(argv=None) -> None:
@@ -174,7 +261,8 @@ def main(argv=None) -> None:
     )
     bench_matching(args)
     if args.data_train:
-        bench_sharding(args)
+        root = bench_sharding(args)
+        bench_distributions(args, root)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Near-duplicate samples across splits: a perceptual hash per view and an exact, sub-quadratic matcher.
 
-The hash is ``imagehash.phash`` at 32x32 (the signs of the lowest 32x32 DCT coefficients of the view
-downscaled to 128 px grey, against their median): 1024 bits per view, stored as 16 uint64 words whose
+The hash is ``imagehash.phash`` at 32x32 (the signs of the lowest 32x32 DCT coefficients of the view,
+box-downscaled to 128 px grey, against their median): 1024 bits per view, stored as 16 uint64 words whose
 first word is the *coarse* code, the 8x8 lowest frequencies. Re-encoding (another JPEG quality) and
 slight resizing flip few bits; two different pictures differ in about half.
 
@@ -22,6 +22,7 @@ exactly on at least one band of one shared view; only such pairs are compared bi
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from geoloc import contract
 
@@ -43,10 +44,15 @@ _COARSE[:COARSE_SIDE, :COARSE_SIDE] = True
 
 
 def view_hash(image) -> bytes:
-    """``VIEW_BYTES`` bytes of a decoded PIL image: the coarse 64 bits first, then the other 960."""
+    """``VIEW_BYTES`` bytes of a decoded PIL image: the coarse 64 bits first, then the other 960.
+
+    The view goes to grey and is box-downscaled to the hash's 128 px first: the same filter for any
+    input size, and ~3x cheaper than the Lanczos resize ``imagehash`` would do (which then is a no-op)."""
     import imagehash  # only the hashing workers need it (and scipy behind it)
 
-    grid = imagehash.phash(image, hash_size=HASH_SIDE).hash  # (32, 32) bool
+    side = HASH_SIDE * 4  # imagehash's pHash input side (hash_size x highfreq_factor 4)
+    small = image.convert("L").resize((side, side), Image.Resampling.BOX)
+    grid = imagehash.phash(small, hash_size=HASH_SIDE).hash  # (32, 32) bool
     bits = np.concatenate([grid[_COARSE], grid[~_COARSE]])  # (1024,): coarse block first
     return np.packbits(bits).tobytes()
 
