@@ -233,7 +233,8 @@ def bench_distributions(args, root: Path) -> None:
         coarse = np.bitwise_count(codes[: args.copies, :, 0] ^ copies[:, :, 0]).mean(-1)
         print(
             f"    copy {kind:8s}: mean {d.mean():6.1f}  p99 {np.percentile(d, 99):6.1f}  max {d.max():6.1f}  "
-            f"(coarse bits/view max {coarse.max():.2f}, bound {dedup.COARSE_PER_VIEW})"
+            f"(coarse max {coarse.max():.2f}/{dedup.COARSE_PER_VIEW}); found "
+            f"{100 * np.mean((d <= dedup.DEFAULT_THRESHOLD) & (coarse <= dedup.COARSE_PER_VIEW)):.1f}%"
         )
     n = len(codes)
     dist = np.full((n, n), np.inf)
