@@ -17,6 +17,7 @@
     the 4 views) between each of the first ``--copies`` train samples and its planted copies (JPEG
     quality 50/70/90, resized 256->240->256 / ->272->256, kept at 240 px, 240 px and quality 70), and
     between all pairs of distinct samples (with the closest pairs' states and distance in km).
+(4) The same copies and pairs with the usual 64-bit pHash, to show why 1024 bits are used.
 Record the figures and the machine in BENCHMARKS.md.
 """
 
@@ -210,11 +211,11 @@ def bits_per_view(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a ^ b).sum(-1).mean(-1)
 
 
-def bench_distributions(args, root: Path) -> None:
+def load_views(args, root: Path):
+    """The generated set's table (train then test rows, with labels) and every sample's 4 view bytes."""
     import pandas as pd
 
     from geoloc import contract
-    from geoloc.geo import haversine_km
     from geoloc.synth import ANSWERS_CSV
 
     table = pd.concat(
@@ -225,22 +226,34 @@ def bench_distributions(args, root: Path) -> None:
         [(root / folder / f"img_{sid}_{v}.jpg").read_bytes() for v in contract.VIEWS]
         for sid, folder in zip(table["sample_id"], folders)
     ]
-    codes = np.stack([sample_hashes(v) for v in views])  # (N, V, WORDS)
-    print(f"(3) bits/view (of 1024) on the data of (2); threshold {dedup.DEFAULT_THRESHOLD}")
-    for kind in COPY_KINDS:
-        copies = np.stack([sample_hashes([copy_bytes(d, kind) for d in v]) for v in views[: args.copies]])
-        d = bits_per_view(codes[: args.copies], copies)
-        coarse = np.bitwise_count(codes[: args.copies, :, 0] ^ copies[:, :, 0]).mean(-1)
-        print(
-            f"    copy {kind:8s}: mean {d.mean():6.1f}  p99 {np.percentile(d, 99):6.1f}  max {d.max():6.1f}  "
-            f"(coarse max {coarse.max():.2f}/{dedup.COARSE_PER_VIEW}); found "
-            f"{100 * np.mean((d <= dedup.DEFAULT_THRESHOLD) & (coarse <= dedup.COARSE_PER_VIEW)):.1f}%"
-        )
+    return table, views
+
+
+def all_pair_distances(codes: np.ndarray) -> np.ndarray:
+    """``(N, N)`` mean differing bits per view, ``inf`` on and below the diagonal."""
     n = len(codes)
     dist = np.full((n, n), np.inf)
     for s in range(0, n, 128):
         dist[s : s + 128] = bits_per_view(codes[s : s + 128, None], codes[None])
     dist[np.tril_indices(n)] = np.inf
+    return dist
+
+
+def print_copies(codes, views, n_copies: int) -> None:
+    for kind in COPY_KINDS:
+        copies = np.stack([sample_hashes([copy_bytes(d, kind) for d in v]) for v in views[:n_copies]])
+        d = bits_per_view(codes[:n_copies], copies)
+        coarse = np.bitwise_count(codes[:n_copies, :, 0] ^ copies[:, :, 0]).mean(-1)
+        found = (d <= dedup.DEFAULT_THRESHOLD) & (coarse <= dedup.COARSE_PER_VIEW)
+        print(
+            f"    copy {kind:8s}: mean {d.mean():6.1f}  p99 {np.percentile(d, 99):6.1f}  max {d.max():6.1f}  "
+            f"(coarse max {coarse.max():.2f}/{dedup.COARSE_PER_VIEW}); found {100 * found.mean():.1f}%"
+        )
+
+
+def print_distinct(dist: np.ndarray, table) -> None:
+    from geoloc.geo import haversine_km
+
     flat = dist[np.isfinite(dist)]
     print(
         f"    distinct pairs ({len(flat)}): min {flat.min():.1f}  0.001% {np.percentile(flat, 0.001):.1f}  "
@@ -249,9 +262,40 @@ def bench_distributions(args, root: Path) -> None:
     )
     lat, lon, state = table["latitude"].to_numpy(), table["longitude"].to_numpy(), table["state"].to_numpy()
     for k in np.argsort(dist, axis=None)[:5]:
-        i, j = divmod(int(k), n)
+        i, j = divmod(int(k), len(dist))
         km = float(haversine_km(lat[i], lon[i], lat[j], lon[j]))
         print(f"    closest: {dist[i, j]:.1f} bits/view, {state[i]} / {state[j]}, {km:.1f} km apart")
+
+
+def print_standard_phash(views, n_copies: int) -> None:
+    """(4) The usual 64-bit pHash (``imagehash.phash`` defaults) on the same data, for comparison."""
+    import imagehash
+    from PIL import Image
+
+    def words(vs):
+        return np.array([[int(str(imagehash.phash(Image.open(io.BytesIO(d)))), 16) for d in vs]], np.uint64).T
+
+    codes = np.stack([words(v) for v in views])  # (N, V, 1)
+    worst = max(
+        bits_per_view(
+            codes[:n_copies], np.stack([words([copy_bytes(d, k) for d in v]) for v in views[:n_copies]])
+        ).max()
+        for k in ("q70", "r240", "k240")
+    )
+    dist = all_pair_distances(codes)
+    print(
+        f"(4) the usual 64-bit pHash: copies (q70, r240, k240) up to {worst:.2f} of 64 bits/view; distinct pairs "
+        f"within that: {(dist <= worst).sum()} of {np.isfinite(dist).sum()}, min {dist.min():.2f}"
+    )
+
+
+def bench_distributions(args, root: Path) -> None:
+    table, views = load_views(args, root)
+    codes = np.stack([sample_hashes(v) for v in views])  # (N, V, WORDS)
+    print(f"(3) bits/view (of 1024) on the data of (2); threshold {dedup.DEFAULT_THRESHOLD}")
+    print_copies(codes, views, args.copies)
+    print_distinct(all_pair_distances(codes), table)
+    print_standard_phash(views, args.copies)
 
 
 def main(argv=None) -> None:

@@ -11,10 +11,11 @@ Two samples are near-duplicates when, over the view directions both have readabl
     coarse bits differing  <= COARSE_PER_VIEW x shared views, and
     all bits differing     <= threshold x shared views        (``--dedup-threshold``, per view)
 
-Why two codes and which numbers: see README / BENCHMARKS.md (measured on generated data: re-encoded
-and resized copies differ by at most ~95 of 1024 bits per view on average, JPEG quality 50 by 138;
-distinct generated samples by at least ~230, and even the same scene drawn twice with other pixel
-noise by ~136-260). The coarse bound is what makes the search exact and fast (pigeonhole): each view's
+Which numbers (``bench/dedup.py`` part 3, BENCHMARKS.md; 2,500 generated samples): copies re-encoded
+at JPEG quality 70-90 or resized 256 -> 240/272 px differ by at most 127 of 1024 bits per view (mean
+over the 4 views; quality 50: up to 182, 84% within 128), distinct samples by at least 147, except
+scenes the generator drew twice a few hundred metres apart (126, 138: pictures that differ only by
+pixel noise). The coarse bound is what makes the search exact and fast (pigeonhole): each view's
 coarse word is cut into ``COARSE_PER_VIEW + 1`` bands, so two samples within the coarse bound agree
 exactly on at least one band of one shared view; only such pairs are compared bit by bit.
 """
