@@ -342,6 +342,13 @@ def test_drop_never_removes_a_states_last_training_sample():
     assert lines[-1] == "  kept (last training sample of their state): ['a', 'c']"
 
 
+def test_a_test_sample_with_fewer_than_two_readable_views_is_counted_as_not_compared():
+    test = [
+        Sample(f"t{k}", "test", (None,) * 4, missing_views=contract.VIEWS[:k]) for k in range(5)
+    ]  # 0..4 views missing
+    assert duplicates.not_compared({"train": [sample("a", 1)], "val": [], "test": test}) == 2
+
+
 def test_a_train_sample_copying_both_a_test_and_a_val_sample_is_dropped_as_a_test_duplicate():
     pairs = [
         {"kind": "train_test", "train": "x", "other": "t", "bits_per_view": 3.0, "views": 4},

@@ -84,7 +84,11 @@ __all__ = [
 
 
 def check_args(
-    val_fraction: float, samples_per_shard: int, workers: int, dedup: str = "report", threshold: int = 0
+    val_fraction: float,
+    samples_per_shard: int,
+    workers: int,
+    dedup: str = "report",
+    threshold: int = DEFAULT_THRESHOLD,
 ) -> None:
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
