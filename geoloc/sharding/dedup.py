@@ -35,7 +35,7 @@ VIEW_BYTES = WORDS * 8
 DEFAULT_THRESHOLD = 128  # differing bits per shared view (of 1024), from the measured distributions
 COARSE_PER_VIEW = 4  # differing coarse bits per shared view (of 64)
 MIN_SHARED_VIEWS = 2  # samples sharing fewer readable view directions are not compared
-PAIR_CHUNK = 2_000_000  # candidate pairs checked per numpy batch: bounds the memory (~0.5 GB)
+PAIR_CHUNK = 2_000_000  # candidate pairs checked per numpy batch: bounds the memory (~300 MB)
 
 
 # ----------------------------------------------------------------------------- hashing (in the workers)
