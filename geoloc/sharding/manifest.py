@@ -15,6 +15,7 @@ import pandas as pd
 from geoloc import contract
 from geoloc.fileio import file_sha256
 from geoloc.labels import LabelEncoder
+from geoloc.sharding.duplicates import summary_lines
 from geoloc.sharding.plan import SPLITS
 from geoloc.sharding.write import LABELS, MANIFEST, write_atomic
 
@@ -24,9 +25,10 @@ SHOW_AT_MOST = 50  # skipped samples printed one per line on the console; the ma
 
 
 def build_manifest(
-    root: Path, seed: int, val_fraction: float, states: dict[int, str], plan, skipped, missing
+    root: Path, seed: int, val_fraction: float, states: dict[int, str], plan, skipped, missing, near=None
 ):
-    """The manifest of a planned run: every count and the label encoder are known before writing."""
+    """The manifest of a planned run: every count and the label encoder are known before writing.
+    ``near`` is the ``--dedup`` section (``geoloc.sharding.duplicates``), under ``near_duplicates``."""
     splits = {s: {"count": 0, "shards": {}} for s in SPLITS}
     for split, (name, samples) in plan:
         splits[split]["count"] += len(samples)
@@ -48,6 +50,7 @@ def build_manifest(
         "skipped": skipped,
         "missing_views": missing,
         "labels_file": LABELS,
+        **({"near_duplicates": near} if near is not None else {}),
     }
 
 
@@ -96,7 +99,11 @@ def summarize(manifest: dict, out_dir: Path) -> list[str]:
     splits = manifest["splits"]
     counts = ", ".join(f"{s} {splits[s]['count']}" for s in SPLITS)
     shards = sum(len(splits[s]["shards"]) for s in SPLITS)
-    return [f"wrote {counts} samples in {shards} shards to {out_dir}", *problem_lines(manifest, out_dir)]
+    return [
+        f"wrote {counts} samples in {shards} shards to {out_dir}",
+        *problem_lines(manifest, out_dir),
+        *summary_lines(manifest.get("near_duplicates")),
+    ]
 
 
 def require_training_data(manifest: dict, root: Path, out: Path) -> None:

@@ -57,14 +57,19 @@ def plan_shards(samples: list[Sample], split: str, seed: int, per_shard: int) ->
     ]
 
 
+def split_samples(kept: list[Sample], seed: int, val_fraction: float) -> dict[str, list[Sample]]:
+    """``{split: samples}`` of the checked samples: the seeded stratified train/val split, and test."""
+    train, val = stratified_split([s for s in kept if s.split == "train"], val_fraction, seed)
+    return {"train": train, "val": val, "test": [s for s in kept if s.split == "test"]}
+
+
+def plan_split_shards(splits: dict[str, list[Sample]], seed: int, per_shard: int) -> list[tuple[str, tuple]]:
+    """``(split, (shard name, samples))`` for every shard of the splits, in split order."""
+    return [(split, p) for split in SPLITS for p in plan_shards(splits[split], split, seed, per_shard)]
+
+
 def plan_splits(
     kept: list[Sample], seed: int, val_fraction: float, per_shard: int
 ) -> list[tuple[str, tuple]]:
     """``(split, (shard name, samples))`` for every shard of the checked samples, in split order."""
-    train, val = stratified_split([s for s in kept if s.split == "train"], val_fraction, seed)
-    test = [s for s in kept if s.split == "test"]
-    return [
-        (split, p)
-        for split, samples in zip(SPLITS, (train, val, test))
-        for p in plan_shards(samples, split, seed, per_shard)
-    ]
+    return plan_split_shards(split_samples(kept, seed, val_fraction), seed, per_shard)

@@ -27,6 +27,8 @@ MISSING_VIEW, BAD_IMAGE, BAD_COORDINATE, UNKNOWN_STATE, DUPLICATE_ID = (
 )
 STATE_MISMATCH = "state_mismatch"  # the row's state name is not state_mapping.csv's name of its state_idx
 BAD_PATH = "bad_path"  # an image cell is an absolute path or has a '..' (outside the data root)
+# --dedup drop: a train sample whose views near-duplicate a val / test sample's (geoloc.sharding.dedup)
+DUPLICATE_OF_VAL, DUPLICATE_OF_TEST = "duplicate_of_val", "duplicate_of_test"
 
 
 @dataclass(frozen=True)
