@@ -1,9 +1,11 @@
 """Geocells nested in states (after PIGEON): small clusters of training points that never cross a border.
 
-Cells are built inside each state separately from the training points' 3-D unit vectors, by recursive
-balanced 2-means bisection (scikit-learn ``KMeans``): a group with more than ``max_size`` points is split in
-two by 2-means, and the split is then moved along the axis between the two centres so that both halves
-keep at least ``min_size`` points; groups of at most ``max_size`` points are cells. The exact rule:
+Cells are built inside each state separately from the training points' 3-D unit vectors with scikit-learn
+``KMeans``: a group of more than ``max_size`` points is clustered into about one cluster per
+``(min_size + max_size) / 2`` points, every cluster under ``min_size`` is merged into the cluster with the
+nearest centre, and each cluster still over ``max_size`` is split the same way again (when merging leaves a
+single cluster, a balanced 2-means bisection, whose cut is moved along the axis between the two centres so
+both halves keep ``min_size``, is used instead); groups of at most ``max_size`` points are cells. The rule:
 
 - a state with at most ``max_size`` training points is ONE cell (so, since ``max_size >= 2 * min_size - 1``
   is required, every state with fewer than ``2 * min_size`` points is one cell);
@@ -48,31 +50,62 @@ def spherical_mean(latlon) -> np.ndarray:
     return to_latlon(to_unit(latlon).mean(0, keepdims=True))[0]
 
 
-def _bisect(xyz: np.ndarray, min_size: int, seed: int) -> np.ndarray:
-    """Boolean mask ``(n,)`` of the first half of a balanced 2-means split; both halves >= min_size."""
+def _kmeans(xyz: np.ndarray, k: int, seed: int):
     from sklearn.cluster import KMeans
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicate points make "fewer distinct clusters" warnings
-        km = KMeans(n_clusters=2, n_init=1, random_state=seed).fit(xyz)
+        return KMeans(n_clusters=k, n_init=1, random_state=seed).fit(xyz)
+
+
+def _bisect(xyz: np.ndarray, min_size: int, seed: int) -> list[np.ndarray]:
+    """Balanced 2-means: two row-index groups, both >= min_size (needs len(xyz) >= 2 * min_size)."""
+    km = _kmeans(xyz, 2, seed)
     score = xyz @ (km.cluster_centers_[1] - km.cluster_centers_[0])  # (n,): low = near centre 0
     order = np.argsort(score, kind="stable")
     first = int(np.clip((km.labels_ == 0).sum(), min_size, len(xyz) - min_size))
-    mask = np.zeros(len(xyz), dtype=bool)
-    mask[order[:first]] = True
-    return mask
+    return [np.sort(order[:first]), np.sort(order[first:])]
+
+
+def _merge_small(xyz: np.ndarray, labels: np.ndarray, min_size: int) -> list[np.ndarray]:
+    """Row-index groups of a clustering, the smallest group under ``min_size`` merged into the group with
+    the nearest centre, again and again until none is under ``min_size`` (or one group is left)."""
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    centres = [xyz[g].mean(0) for g in groups]
+    while len(groups) > 1:
+        small = min(range(len(groups)), key=lambda i: (len(groups[i]), i))
+        if len(groups[small]) >= min_size:
+            break
+        sims = [c @ centres[small] if i != small else -np.inf for i, c in enumerate(centres)]
+        target = int(np.argmax(sims))
+        groups[target] = np.sort(np.concatenate([groups[target], groups[small]]))
+        centres[target] = xyz[groups[target]].mean(0)
+        del groups[small], centres[small]
+    return groups
+
+
+def _split(xyz: np.ndarray, min_size: int, max_size: int, seed: int) -> list[np.ndarray]:
+    """Split a group of more than ``max_size`` points into >= 2 groups of >= ``min_size`` each.
+
+    KMeans with about one cluster per ``(min_size + max_size) / 2`` points, small clusters merged into
+    their nearest neighbour; if that leaves one group, a balanced bisection (always possible, since
+    ``len > max_size >= 2 * min_size - 1``).
+    """
+    k = max(2, round(2 * len(xyz) / (min_size + max_size)))
+    groups = _merge_small(xyz, _kmeans(xyz, k, seed).labels_, min_size)
+    return groups if len(groups) >= 2 else _bisect(xyz, min_size, seed)
 
 
 def split_state(xyz: np.ndarray, min_size: int, max_size: int, seed: int) -> list[np.ndarray]:
-    """Member row indices of each cell of one state's points ``(n, 3)``, by recursive bisection."""
+    """Member row indices of each cell of one state's points ``(n, 3)``; every group over ``max_size``
+    is split again (each split makes strictly smaller groups, so this ends)."""
     cells, stack = [], [np.arange(len(xyz))]
-    while stack:  # depth first, first half first: a deterministic cell order
+    while stack:  # depth first, groups in order: a deterministic cell order
         rows = stack.pop()
         if len(rows) <= max_size:
             cells.append(rows)
             continue
-        mask = _bisect(xyz[rows], min_size, seed)
-        stack.extend([rows[~mask], rows[mask]])
+        stack.extend(rows[g] for g in reversed(_split(xyz[rows], min_size, max_size, seed)))
     return cells
 
 
@@ -157,12 +190,15 @@ def build_geocells(
         raise ValueError(f"{len(latlon)} points but {len(state)} state labels")
     if not 1 <= min_size or max_size < 2 * min_size - 1:
         raise ValueError(f"need 1 <= min_size and max_size >= 2 * min_size - 1; got {min_size}, {max_size}")
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
     xyz = to_unit(latlon)
     member = np.empty(len(state), dtype=np.int64)
     states, centroids, counts = [], [], []
-    for s in np.unique(state):  # sorted: cell ids grouped by state index
-        rows = np.flatnonzero(state == s)
-        for cell_rows in split_state(xyz[rows], min_size, max_size, seed):
+    with threadpool_limits(1):  # many small KMeans: threads only add start-up and contention
+        groups = [(s, rows, split_state(xyz[rows], min_size, max_size, seed)) for s, rows in _by_state(state)]
+    for s, rows, parts in groups:
+        for cell_rows in parts:
             member[rows[cell_rows]] = len(states)
             states.append(int(s))
             centroids.append(to_latlon(xyz[rows[cell_rows]].mean(0, keepdims=True))[0])
@@ -172,6 +208,11 @@ def build_geocells(
         min_size, max_size, seed,
     )  # fmt: skip
     return cells, member
+
+
+def _by_state(state: np.ndarray):
+    """(state, row indices) per distinct state, in sorted state order: cell ids grouped by state."""
+    return [(int(s), np.flatnonzero(state == s)) for s in np.unique(state)]
 
 
 def assign_to_cells(latlon, state, centroid, cell_state, chunk: int = 4096) -> np.ndarray:
