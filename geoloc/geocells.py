@@ -125,6 +125,11 @@ class GeoCells:
     def num_cells(self) -> int:
         return len(self.state)
 
+    @property
+    def cell_to_state(self) -> np.ndarray:
+        """``(K,)`` ORIGINAL state index (0..49) of each cell."""
+        return self.state
+
     def cell_to_class(self, encoder) -> np.ndarray:
         """``(K,)`` contiguous class of each cell's state, under a ``LabelEncoder``."""
         return encoder.encode(self.state)

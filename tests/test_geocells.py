@@ -40,6 +40,7 @@ def test_cells_never_cross_a_state(points, built):
     _latlon, state = points
     cells, member = built
     assert (cells.state[member] == state).all()  # every member shares its cell's state
+    assert cells.cell_to_state is cells.state and set(cells.state) == set(COUNTS)
     # and each state's cells hold exactly that state's points
     for s in COUNTS:
         assert cells.count[cells.state == s].sum() == (state == s).sum()

@@ -85,7 +85,10 @@ def test_faiss_agrees_with_torch(index):
     q = torch.randn(30, 48, generator=torch.Generator().manual_seed(3))
     s_t, i_t = index.search(q, k=5, backend="torch")
     s_f, i_f = index.search(q, k=5, backend="faiss")
-    assert torch.equal(i_t, i_f) and torch.allclose(s_t, s_f, atol=1e-5)
+    assert torch.allclose(s_t, s_f, atol=1e-5)
+    # the same neighbours up to float ties: faiss's items have the similarities torch found
+    full = torch.nn.functional.normalize(q, dim=1) @ index.embeddings.T  # (30, 300)
+    assert torch.allclose(full.gather(1, i_f), s_t, atol=1e-5) and (i_f == i_t).float().mean() > 0.9
     assert torch.equal(index.search(q, k=5, backend="auto")[1], i_t)  # auto: torch under FAISS_MIN_SIZE
 
 
