@@ -59,10 +59,9 @@ def offset_points(latlon: np.ndarray, km: float) -> np.ndarray:
     """``(N, 2)`` -> ``(N, 4, 2)``: each point moved ``km`` north, east, south, west (small-distance rule)."""
     dlat = km / (np.pi * EARTH_RADIUS_KM / 180)
     dlon = dlat / np.maximum(np.cos(np.deg2rad(latlon[:, 0])), 0.05)  # (N,)
-    steps = np.stack(
-        [np.stack([dlat + 0 * dlon, 0 * dlon], 1), np.stack([0 * dlon, dlon], 1),
-         np.stack([-dlat + 0 * dlon, 0 * dlon], 1), np.stack([0 * dlon, -dlon], 1)], axis=1,
-    )  # fmt: skip  # (N, 4, 2)
+    north = np.stack([np.full_like(dlon, dlat), np.zeros_like(dlon)], axis=1)  # (N, 2)
+    east = np.stack([np.zeros_like(dlon), dlon], axis=1)  # (N, 2)
+    steps = np.stack([north, east, -north, -east], axis=1)  # (N, 4, 2)
     return latlon[:, None, :] + steps
 
 
