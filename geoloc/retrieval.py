@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from geoloc.errors import GeolocError
 from geoloc.gps_decoding import spherical_median
 
 INDEX_TENSORS, INDEX_JSON = "index.safetensors", "index.json"
@@ -30,7 +31,7 @@ FAISS_MIN_SIZE = 200_000
 BACKENDS = ("torch", "faiss", "auto")
 
 
-class IndexFileError(ValueError):
+class IndexFileError(GeolocError, ValueError):
     """A saved index is missing, malformed or inconsistent; the message names the file."""
 
 

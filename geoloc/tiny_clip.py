@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from geoloc.preprocess import CLIP_MEAN, CLIP_STD
 
 
 def build_tiny_clip(

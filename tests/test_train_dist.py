@@ -77,7 +77,7 @@ def _check_two_rank_run(run_dir, distributed_type: str) -> dict:
     loaded = load_model_dir(run_dir / "model")  # strict load: full (gathered) shapes, plain fp32 tensors
     x = torch.zeros(2, 4, 3, *(loaded.preprocess["image_size"],) * 2)
     out = loaded.model(x, torch.ones(2, 4, dtype=torch.bool))
-    assert torch.isfinite(out.logits).all() and torch.isfinite(out.gps).all()
+    assert torch.isfinite(out["state"]).all() and torch.isfinite(out["gps"]).all()
     return {step: r["val/score"] for step, r in val.items()}
 
 
@@ -89,6 +89,7 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     """The embeddings the two ranks computed, gathered by sample id, equal a one-process forward."""
     from geoloc.config import load_config
     from geoloc.data import make_eval_loader, read_manifest, resolve_shards
+    from geoloc.heads import HeadSizes
     from geoloc.labels import LabelEncoder
     from geoloc.model import build_model
     from geoloc.preprocess import Preprocessor
@@ -99,7 +100,7 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     assert table.sample_id == sorted(set(table.sample_id)) and len(table) == 36
     assert len(load_table(train_pt.with_name("val.pt"))) == 12
     cfg = load_config(None, [f"model.backbone={tiny_clip_dir}"])
-    model = build_model(cfg.model, num_classes=3).eval()
+    model = build_model(cfg.model, HeadSizes(num_classes=3)).eval()
     pre = Preprocessor.from_backbone(str(tiny_clip_dir))
     encoder = LabelEncoder.from_dict(read_manifest(str(tiny_shards))["label_encoder"])
     loader = make_eval_loader(
