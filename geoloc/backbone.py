@@ -175,8 +175,13 @@ def backbone_depths(model) -> dict[str, int]:
     return {n: depth_of.get(id(p), len(blocks) + 1) for n, p in model.backbone.named_parameters()}
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute backbone activations in backward (transformers 5 name first, old name as fallback)."""
+def enable_gradient_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Recompute backbone activations in backward (transformers 5 name first, old name as fallback).
+
+    Non-reentrant, whatever the installed transformers defaults to (its older releases chose reentrant):
+    a reentrant checkpoint whose inputs need no grad (the output of frozen blocks, with
+    ``train.unfreeze_last_n``) returns outputs without grad, so the unfrozen blocks would get none.
+    """
     hf = model.backbone.model
     enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
-    enable()
+    enable({"use_reentrant": use_reentrant})  # first parameter of both: the torch checkpoint kwargs

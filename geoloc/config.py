@@ -215,10 +215,14 @@ class TrainConfig:
     # batch x accumulation x ranks places. Phase 1 without the embedding cache (no-grad backbone):
     batch_size: int = 32
     grad_accum: int = 1  # phase 1, cached (frozen_batch_size) or not (batch_size)
-    # Phase 2 gets its own, smaller batch: backward through ViT-L/14-336 keeps ~0.64 GB of bf16 activations
-    # per image, so 32 places x 4 views = 128 images would need ~80 GB per GPU. 8 places (32 images,
-    # ~20 GB) fit a 40 GB A100 beside weights and optimiser state, and accumulating 4 keeps 32 places per
-    # rank and update. Chosen over gradient checkpointing, which fits too but costs ~1/3 more compute.
+    # Phase 2 gets its own, smaller batch: backward through ViT-L/14-336 under bf16 autocast keeps 0.69 GB
+    # of activations per image (2.75 GB per place of 4 views; counted exactly on a CPU by
+    # bench/activation_memory.py, not yet read off a GPU allocator: bench/gpu_check.py does that), beside
+    # ~6.7 GB that do not grow with the batch (fp32 weights, grads, AdamW state, DDP buckets, bf16 weight
+    # copies). 32 places would need ~95 GB; 8 places need ~29 GB, which fits a 40 GB A100 with room for
+    # backward's transients (10 at most with 10% kept free), and accumulating 4 keeps 32 places per rank
+    # and update. 80 GB cards fit 16 x 2 (~51 GB). Gradient checkpointing keeps 0.06 GB per image but
+    # costs ~1/3 more compute.
     finetune_batch_size: int = 8
     finetune_grad_accum: int = 4
     eval_batch_size: int = 64

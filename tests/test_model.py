@@ -344,6 +344,28 @@ def test_gradient_checkpointing_keeps_gradients(tiny_clip_dir):
     torch.testing.assert_close(g1, g2)
 
 
+def test_gradient_checkpointing_with_the_last_block_unfrozen_gives_it_the_plain_gradients(tiny_clip_dir):
+    """Non-reentrant checkpointing, whatever transformers' default: a reentrant checkpoint whose inputs
+    come from frozen blocks returns outputs without grad, and the unfrozen blocks would learn nothing."""
+    torch.manual_seed(0)
+    plain = build_model(_cfg(tiny_clip_dir), C)
+    ckpt = build_model(_cfg(tiny_clip_dir), C)
+    ckpt.load_state_dict(plain.state_dict())
+    enable_gradient_checkpointing(ckpt)
+    for layer in backbone_blocks(ckpt):
+        assert layer._gradient_checkpointing_func.keywords["use_reentrant"] is False
+    pixels, mask = _inputs()
+    for m in (plain, ckpt):
+        set_backbone_trainable(m, 1)
+        m.train()
+        out = m(pixels, mask)
+        (out.logits.sum() + out.gps.sum()).backward()
+    g1 = backbone_blocks(plain)[-1].mlp.fc1.weight.grad
+    g2 = backbone_blocks(ckpt)[-1].mlp.fc1.weight.grad
+    assert g2 is not None
+    torch.testing.assert_close(g1, g2)
+
+
 def test_gradient_flows_to_heads_when_backbone_frozen(tiny_clip_dir):
     model = build_model(_cfg(tiny_clip_dir), C).train()
     set_backbone_trainable(model, None)
