@@ -8,6 +8,7 @@ The DDP and ZeRO-2 runs validate on ONE val shard (rank 1 has nothing to evaluat
 at the first phase-2 validation while the DDP wrapper broadcast its buffers at every forward.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -266,3 +267,35 @@ def test_ranks_stop_when_their_launcher_is_killed(layouts, tiny_clip_dir, tmp_pa
             time.sleep(0.5)
     assert not any(_alive(r) for r in ranks), log.read_text()[-2000:]
     assert "the launcher (pid" in log.read_text()
+
+
+# ----------------------------------------------------------------------------- cells and retrieval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "zero2", "zero3"])
+def test_cells_and_retrieval_train_and_infer_on_two_ranks(kind, layouts, tiny_clip_dir, tmp_path):
+    """A model with state, cell and GPS heads (geocells of 2-3 training points) trains both phases on 2
+    ranks, indexes its training embeddings, and infer.py --eval on 2 ranks decodes it with the cells and
+    with the nearest neighbours, every val sample once."""
+    from _train_helpers import launch
+
+    run = tmp_path / "run"
+    cells = ("model.heads=[state,cell,gps]", "model.cell_min_size=2", "model.cell_max_size=3")
+    extra = (*ZERO, *cells) if kind.startswith("zero") else cells
+    check(
+        run_train(
+            train_args(layouts["odd"], tiny_clip_dir, run, tmp_path / "cache", *SHORT, *extra), kind=kind
+        )
+    )
+    meta = export_meta(run)
+    assert meta["heads"] == ["state", "cell", "gps"] and meta["num_cells"] > 3 and meta["index_sha256"]
+    assert {r["decoder"]["gps"] for r in meta["decoders_val"]} == {"regression", "cell", "bayes", "knn"}
+    prefix, env = launcher("ddp", 2)
+    for flags in ([], ["--decode-state", "cells", "--decode-gps", "knn", "--knn-alpha", "0.5"]):
+        out = tmp_path / f"report{len(flags)}"
+        cmd = prefix + ["infer.py", "--eval", "--model", str(run / "model"), "--shards", str(layouts["odd"]),
+                        "--out-dir", str(out), "--batch-size", "3", "--no-progress", *flags]  # fmt: skip
+        check(launch(cmd, f"infer.py --eval {flags} on a {kind} model", 300, env))
+        report = json.loads((out / "report.json").read_text())
+        assert report["n"] == 12 and report["context"]["processes"] == 2
