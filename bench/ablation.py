@@ -1,7 +1,7 @@
 """Ablation of the PIGEON parts on the realistic generated set: heads, smoothing, geocells, GPS decoders,
 retrieval refinement; one table, fixed seed and budget.
 
-    python bench/ablation.py --work-dir /tmp/ablation [--n-train 3000] [--n-test 500] [--epochs 6] \
+    python bench/ablation.py --work-dir /tmp/ablation [--seeds 0 1 2] [--n-train 3000] [--epochs 6] \
         [--finetune-epochs 1] [--out ablation.json]
 
 Stages: generate the realistic set (``geoloc.synth``, mode realistic) -> shard (20% val) -> a tiny CLIP
@@ -12,14 +12,16 @@ baseline (PIGEON's plain state head + GPS regression) are trained again with ``-
 fine-tuning, and ``infer.py --eval`` scores each on val with its best decoder, so the last rows hold
 the end-to-end numbers. Every row: val score, cls score, top-1/top-5, mean/median km.
 
-The val split picks each variant's decoder, as it picks the epoch; read the differences between
-variants, not the absolute level (the data are generated; see BENCHMARKS.md).
+Each seed draws its own data set, cells and initialisation; the table gives the mean over the seeds
+(and the spread, max - min). The val split picks each variant's decoder, as it picks the epoch; read the
+differences between variants, not the absolute level (the data are generated; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, required=True, help="data, shards, runs (reused if present)")
     p.add_argument("--n-train", type=int, default=3000, help="generated labelled samples (80%% train)")
     p.add_argument("--n-test", type=int, default=100, help="generated test samples (unused by the table)")
-    p.add_argument("--seed", type=int, default=0, help="data and training seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="data and training seeds (one run each)")
     p.add_argument("--epochs", type=int, default=6, help="frozen-phase epochs of every variant")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of the final two runs")
     p.add_argument("--variants", nargs="*", help="only these variants (names of VARIANTS)")
@@ -80,9 +82,7 @@ def prepare(work: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Pat
     return shards, clip
 
 
-def train(
-    shards: Path, clip: Path, run: Path, cache: Path, overrides: list[str], args, finetune: int
-) -> Path:
+def train(shards, clip, run: Path, cache: Path, overrides: list[str], args, seed: int, finetune: int) -> Path:
     """One train.py run in this process; returns the exported model directory."""
     from accelerate.state import AcceleratorState
 
@@ -90,7 +90,7 @@ def train(
 
     argv = [
         "--shards", str(shards), "--output-dir", str(run), "--preset", "smoke", f"model.backbone={clip}",
-        f"train.cache_dir={cache}", f"train.seed={args.seed}", f"train.epochs_frozen={args.epochs}",
+        f"train.cache_dir={cache}", f"train.seed={seed}", f"train.epochs_frozen={args.epochs}",
         f"train.epochs_finetune={finetune}", "train.head_lr=3e-3", "train.backbone_lr=3e-4", "train.patience=0",
         "train.frozen_batch_size=64", *overrides,
     ]  # fmt: skip
@@ -129,45 +129,66 @@ def evaluate(model_dir: Path, shards: Path, out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def print_table(rows: list[dict], full: dict[str, dict]) -> None:
-    print("\n| variant (frozen phase) | decoder | val score | top-1 | mean km |")
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """Rows of several seeds -> one row per (variant, decoder): means, and the score's max - min."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["decoder"]), []).append(r)
+    out = []
+    for (variant, decoder), rs in groups.items():
+        scores = [r["score"] for r in rs]
+        out.append({"variant": variant, "decoder": decoder, "seeds": len(rs),
+                    "default": sum(r["default"] for r in rs), "spread": max(scores) - min(scores),
+                    **{k: sum(r[k] for r in rs) / len(rs) for k in ("score", "top1_acc", "mean_km")}})  # fmt: skip
+    return sorted(out, key=lambda r: -r["score"])
+
+
+def print_table(rows: list[dict], full: dict[str, list[dict]]) -> None:
+    print("\n| variant | decoder (default in n seeds) | val score (spread) | top-1 | mean km |")
     print("|---|---|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: -r["score"]):
-        mark = " (default)" if r["default"] else ""
-        print(
-            f"| {r['variant']} | {r['decoder']}{mark} | {r['score']:.4f} | {r['top1_acc']:.3f} | {r['mean_km']:.0f} |"
-        )
-    print("\n| both phases, best decoder | " + " | ".join(KEYS) + " |")
+    for r in mean_rows(rows):
+        mark = f" ({r['default']})" if r["default"] else ""
+        print(f"| {r['variant']} | {r['decoder']}{mark} | {r['score']:.4f} ({r['spread']:.4f}) | "
+              f"{r['top1_acc']:.3f} | {r['mean_km']:.0f} |")  # fmt: skip
+    print("\n| both phases, infer.py --eval with the default decoder | " + " | ".join(KEYS) + " |")
     print("|---|" + "---:|" * len(KEYS))
-    for name, m in full.items():
+    for name, reports in full.items():
+        m = {k: sum(r[k] for r in reports) / len(reports) for k in KEYS}
         print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k.endswith(("score", "acc")) else f"{m[k]:.0f}"
                                          for k in KEYS) + " |")  # fmt: skip
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    shards, clip = prepare(work, args.n_train, args.n_test, args.seed)
-    cache, rows, best = work / "cache", [], {}
+def run_seed(args, seed: int, rows: list[dict], full: dict[str, list[dict]]) -> None:
+    """Every variant (frozen phase) and the two full runs of one seed; rows and reports appended."""
+    work = args.work_dir / f"seed{seed}"
+    shards, clip = prepare(work, args.n_train, args.n_test, seed)
+    cache, best = work / "cache", {}
     for name, overrides in VARIANTS.items():
         if args.variants and name not in args.variants:
             continue
-        model = train(shards, clip, work / "runs" / name.replace(" ", "_"), cache, overrides, args, 0)
-        rows += rows_of(name, model)
-        best[name] = max(r["score"] for r in rows if r["variant"] == name)
-    winner = max(best, key=best.get)
-    full = {}
-    for name in dict.fromkeys(["state+gps (baseline)", winner]):  # the baseline and the winner, in order
-        if name in VARIANTS and (not args.variants or name in args.variants):
+        model = train(shards, clip, work / "runs" / name.replace(" ", "_"), cache, overrides, args, seed, 0)
+        mine = rows_of(name, model)
+        rows += mine
+        best[name] = max(r["score"] for r in mine)
+    for name in dict.fromkeys(["state+gps (baseline)", max(best, key=best.get)]):
+        if name in best:
             run = work / "full" / name.replace(" ", "_")
-            model = train(shards, clip, run, cache, VARIANTS[name], args, args.finetune_epochs)
-            full[name] = evaluate(model, shards, run / "report")
+            model = train(shards, clip, run, cache, VARIANTS[name], args, seed, args.finetune_epochs)
+            rows += rows_of(f"{name}, both phases", model)
+            full.setdefault(name, []).append(evaluate(model, shards, run / "report"))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one table, not thousands of progress lines
+    t0, rows, full = time.perf_counter(), [], {}
+    for seed in args.seeds:
+        run_seed(args, seed, rows, full)
     print_table(rows, full)
-    print(f"\nablation: {len(rows)} rows, {time.perf_counter() - t0:.0f} s; best frozen variant: {winner}")
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-              "full": {k: {m: v[m] for m in KEYS} for k, v in full.items()}, "winner": winner}  # fmt: skip
+    print(f"\nablation: {len(rows)} rows over seeds {args.seeds}, {time.perf_counter() - t0:.0f} s")
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": mean_rows(rows),
+              "full": {k: [{m: r[m] for m in KEYS} for r in v] for k, v in full.items()}}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result
