@@ -36,11 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import ARCHS, NUM_VIEWS, build, fake_batch, machine
+from train_step import ARCHS, NUM_VIEWS, build, criterion, fake_batch, machine
 
-from geoloc.config import LossConfig
-from geoloc.losses import combined_loss
-from geoloc.model import enable_gradient_checkpointing, set_backbone_trainable
+from geoloc.backbone import enable_gradient_checkpointing, set_backbone_trainable
 
 README_GB_PER_IMAGE = 0.64  # the estimate behind the default train.finetune_batch_size x finetune_grad_accum
 GPUS_GB = {"A100 40GB": 40.0, "H100 80GB": 80.0}
@@ -151,7 +149,7 @@ def saved_for_backward(model, n: int, args, checkpointing: bool) -> tuple[SavedB
     hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
     with hooks, block_inputs(model, counter, checkpointing), autocast:
         out = model(batch["pixels"], batch["view_mask"])
-        loss, _ = combined_loss(out.logits, out.gps, batch["label"], batch["latlon"], None, LossConfig())
+        loss = criterion(model.num_classes, batch["pixels"].device)(out, batch)["loss"]
     names = graph_node_names(loss.grad_fn)
     counter.exclude.add(batch["pixels"].untyped_storage().data_ptr())  # the input batch is not activation
     counter.storages.pop(batch["pixels"].untyped_storage().data_ptr(), None)

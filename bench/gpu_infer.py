@@ -3,7 +3,7 @@
 Rows (images/s; 1 sample = 4 views):
 
   3a  CPU decode ceiling per core: ``geoloc.data.decode_sample`` on raw shard samples in this process
-  3b  GPU compute ceiling: the per-batch path of ``geoloc.predict.predict`` (``forward_probs`` of an
+  3b  GPU compute ceiling: the per-batch path of ``geoloc.predict.predict`` (``forward_values`` of an
       ``Ensemble`` with its on-device preprocessing) on decoded batches already on the device
   3c  end to end: ``predict`` over ``make_eval_loader`` with N workers (every sample checked present),
       against 3b and against N x 3a
@@ -102,18 +102,23 @@ def decode_rate(samples: list[dict], seconds: float) -> float:
 
 
 def make_ensemble(section, device):
+    from geoloc.config import DecodeConfig
+    from geoloc.decoders import Decoder
     from geoloc.infer.ensemble import Ensemble
+    from geoloc.labels import LabelEncoder
     from geoloc.preprocess import Preprocessor
 
     arch = arch_for(section)
     model = build_on(arch, device).eval()
-    return Ensemble([model], [Preprocessor(ARCHS[arch]["image_size"]).to(device)]).eval()
+    encoder = LabelEncoder(tuple(range(model.num_classes)), tuple(map(str, range(model.num_classes))))
+    decoder = Decoder(DecodeConfig(), ["state", "gps"], encoder, device=device)
+    return Ensemble([model], [Preprocessor(ARCHS[arch]["image_size"]).to(device)], [decoder]).eval()
 
 
 def compute_rate(ensemble, batches: list[dict], device, seconds: float) -> float:
     """Images/s of predict's per-batch work on decoded uint8 batches already on the device."""
     from geoloc.infer.ensemble import identity
-    from geoloc.predict import forward_probs
+    from geoloc.predict import forward_values
 
     on_device = [(b["images"].to(device), b["view_mask"].to(device)) for b in batches]
 
@@ -121,7 +126,7 @@ def compute_rate(ensemble, batches: list[dict], device, seconds: float) -> float
     def once():
         with autocast_bf16(device):
             for images, mask in on_device:
-                forward_probs(ensemble, identity, images, mask, (1.0,))
+                forward_values(ensemble, identity, images, mask, (1.0,))
 
     once()
     sync(device)

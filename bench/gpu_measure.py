@@ -16,7 +16,8 @@ import torch
 from gpu_common import guarded
 from train_step import ARCHS, NUM_VIEWS, build, fake_batch, finetune_step, peak_tflops, train_flops_per_image
 
-from geoloc.model import enable_gradient_checkpointing, head_parameters, param_groups, set_backbone_trainable
+from geoloc.backbone import enable_gradient_checkpointing, set_backbone_trainable
+from geoloc.model import head_parameters, param_groups
 from geoloc.preprocess import Preprocessor
 
 GB = 1e9

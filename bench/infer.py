@@ -34,6 +34,7 @@ from geoloc.config import Config, ModelConfig
 from geoloc.contract import SAMPLE_SUBMISSION, read_submission_template
 from geoloc.data import decode_image, make_eval_loader, resolve_shards
 from geoloc.export import load_model_dir, save_model_dir, vision_config_dict
+from geoloc.heads import HeadSizes
 from geoloc.infer.ensemble import Ensemble, identity
 from geoloc.infer.raw import make_raw_loader
 from geoloc.infer.submission import build_submission, validate_submission, write_submission
@@ -68,7 +69,7 @@ def prepare(work: Path, n_test: int, image_size: int) -> tuple[Path, Path, Path]
     clip = build_tiny_clip(work / "clip", image_size=image_size)
     encoder = LabelEncoder.fit(pd.read_csv(root / "train_ground_truth.csv")["state_idx"])
     cfg = Config(model=ModelConfig(backbone=str(clip), head_hidden=64))
-    model = build_model(cfg.model, encoder.num_classes)
+    model = build_model(cfg.model, HeadSizes(encoder.num_classes))
     save_model_dir(
         model_dir, model_state_dict=model.state_dict(), cfg=cfg, vision_config=vision_config_dict(model),
         embed_dim=model.embed_dim, num_classes=model.num_classes, encoder=encoder,
@@ -113,10 +114,11 @@ def submission_costs(n: int, encoder: LabelEncoder, work: Path) -> dict[str, flo
     template = pd.DataFrame({"sample_id": ids, **{f"image_{v}": [f"img_{i}_{v}.jpg" for i in ids] for v in
                              ("north", "east", "south", "west")}})  # fmt: skip
     probs = rng.random((n, encoder.num_classes)).astype(np.float32)
+    gps = np.column_stack([rng.uniform(25, 48, n), rng.uniform(-124, -68, n)]).astype(np.float32)
     preds = Predictions(
-        sample_id=np.asarray(sorted(ids), dtype=object), probs=probs / probs.sum(1, keepdims=True),
-        gps=np.column_stack([rng.uniform(25, 48, n), rng.uniform(-124, -68, n)]).astype(np.float32),
-        label=np.full(n, -1), latlon=np.full((n, 2), np.nan, np.float32), n_views=np.full(n, 4),
+        sample_id=np.asarray(sorted(ids), dtype=object), label=np.full(n, -1),
+        latlon=np.full((n, 2), np.nan, np.float32), n_views=np.full(n, 4),
+        values={"state_probs": probs / probs.sum(1, keepdims=True), "gps": gps},
     )  # fmt: skip
     prior = Prior(tuple(encoder.state_indices[:5]), 39.0, -98.0)
     t0 = time.perf_counter()
@@ -140,7 +142,8 @@ def main(argv=None) -> None:
         accelerator = Accelerator(cpu=True)
         loaded = load_model_dir(model_dir)
         p = loaded.preprocess
-        ensemble = Ensemble([loaded.model], [Preprocessor(p["image_size"], p["mean"], p["std"])]).eval()
+        pre = Preprocessor(p["image_size"], p["mean"], p["std"])
+        ensemble = Ensemble([loaded.model], [pre], [loaded.decoder()]).eval()
         template = read_submission_template(root / SAMPLE_SUBMISSION)
         n = len(template)
 

@@ -59,7 +59,6 @@ TRAIN = (
     "train.save_every_steps=1000",
     "train.keep_checkpoints=1",
     "data.num_workers=1",
-    "infer.num_workers=1",
 )
 
 

@@ -33,10 +33,13 @@ from pathlib import Path
 
 import torch
 
-from geoloc.config import LossConfig, ModelConfig
+from geoloc.backbone import backbone_from_config, enable_gradient_checkpointing, set_backbone_trainable
+from geoloc.config import ModelConfig
 from geoloc.contract import VIEWS
-from geoloc.losses import combined_loss
-from geoloc.model import GeoModel, backbone_from_config, head_parameters, param_groups, set_backbone_trainable
+from geoloc.geo import distance_matrix
+from geoloc.heads import HeadSizes, Targets
+from geoloc.losses import Criterion
+from geoloc.model import GeoModel, head_parameters, param_groups
 
 # Vision configs (random weights). "tiny" is geoloc.tiny_clip.build_tiny_clip's default, the demo's backbone.
 ARCHS = {
@@ -152,7 +155,19 @@ def peak_tflops(device_name: str) -> float | None:
 
 def build(arch: str, pooling: str, num_classes: int, device: torch.device) -> GeoModel:
     backbone, dim = backbone_from_config(ARCHS[arch], pooling)
-    return GeoModel(backbone, dim, num_classes, ModelConfig(pooling=pooling)).to(device)
+    return GeoModel(backbone, dim, ModelConfig(pooling=pooling), HeadSizes(num_classes)).to(device)
+
+
+def criterion(num_classes: int, device: torch.device) -> Criterion:
+    """The default heads' loss terms with random state centroids over the US."""
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.stack(
+        [torch.rand(num_classes, generator=g) * 24 + 25, -torch.rand(num_classes, generator=g) * 57 - 67], 1
+    )
+    targets = Targets(
+        centroids.to(device), distance_matrix(centroids).to(device), None, "sample", 75.0, "haversine"
+    )
+    return Criterion(["state", "gps"], {"state": 0.8, "gps": 0.2}, targets)
 
 
 def fake_batch(n: int, cfg: dict, num_classes: int, device: torch.device) -> dict:
@@ -172,7 +187,7 @@ def head_step(model, opt, view_emb, mask, label, latlon, autocast) -> None:
     """One optimiser step of the heads on view embeddings (B, 4, D)."""
     with autocast:
         out = model.forward_head(view_emb, mask)
-        loss, _ = combined_loss(out.logits, out.gps, label, latlon, None, LossConfig())
+        loss = criterion(model.num_classes, view_emb.device)(out, {"label": label, "latlon": latlon})["loss"]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -182,7 +197,7 @@ def finetune_step(model, opt, batch, autocast) -> None:
     """Forward + backward + AdamW through backbone and heads."""
     with autocast:
         out = model(batch["pixels"], batch["view_mask"])
-        loss, _ = combined_loss(out.logits, out.gps, batch["label"], batch["latlon"], None, LossConfig())
+        loss = criterion(model.num_classes, batch["pixels"].device)(out, batch)["loss"]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -295,8 +310,6 @@ def main(argv=None) -> None:
     if counted_block_weights(model) != per_token_weights(cfg):
         raise RuntimeError("analytic ViT weight count differs from the built model: fix per_token_weights")
     if args.grad_checkpointing:
-        from geoloc.model import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model)
     if args.compile:
         model.backbone.compile()

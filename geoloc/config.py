@@ -22,6 +22,16 @@ from geoloc.errors import GeolocError
 DIST_TIMEOUT_S = 1800.0  # 30 min: longer than any legitimate solo wait (a 3.5 GB checkpoint on slow storage)
 
 
+# choice lists, defined once: the modules that implement them import these
+POOLINGS = ("projection", "cls", "mean")
+FUSIONS = ("average", "concat", "attention", "weighted")
+HEADS = ("state", "gps", "cell")  # geoloc.heads.HEADS implements each (checked there)
+SOFT_LABEL_MODES = ("state", "sample")
+GPS_LOSSES = ("mse", "mae", "smooth_l1", "haversine")
+STATE_DECODERS = ("auto", "head", "cells")
+GPS_DECODERS = ("auto", "regression", "cell", "bayes", "knn")
+
+
 class ConfigError(GeolocError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -39,8 +49,19 @@ RANGES: dict[str, dict[str, str]] = {
         "aug_min_scale": "(0, 1]",
         "aug_jitter": "[0, 1)",  # a factor of 0 or below would blank or invert an image
     },
-    "model": {"head_hidden": "[1, inf)", "dropout": "[0, 1)"},
-    "loss": {"tau_km": "(0, inf)", "cls_weight": "[0, inf)", "gps_weight": "[0, inf)"},
+    "model": {
+        "head_hidden": "[2, inf)",
+        "dropout": "[0, 1)",
+        "cell_min_size": "[1, inf)",
+        "cell_max_size": "[1, inf)",
+    },
+    "loss": {"tau_km": "(0, inf)"},
+    "decode": {
+        "bayes_top_k": "[1, inf)",
+        "knn_k": "[1, inf)",
+        "knn_temperature": "(0, inf)",
+        "knn_alpha": "[0, 1]",
+    },
     "train": {
         "batch_size": "[1, inf)",
         "grad_accum": "[1, inf)",
@@ -122,33 +143,70 @@ class ModelConfig:
     backbone: str = "geolocal/StreetCLIP"  # hub id or local path of a CLIP (vision) checkpoint
     pooling: str = "projection"  # projection (CLIP image embedding) | cls | mean (of patch tokens)
     fusion: str = "average"  # average | concat | attention | weighted
+    heads: list[str] = field(default_factory=lambda: ["state", "gps"])  # by name, see geoloc.heads
     head_hidden: int = 512
     dropout: float = 0.1
+    # geocells (the "cell" head): built inside each state from the training points, each with
+    # cell_min_size..cell_max_size of them (PIGEON: 30..60); a state with fewer points is one cell
+    cell_min_size: int = 30
+    cell_max_size: int = 60
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the backbone
 
     def __post_init__(self):
         _check_ranges("model", self)
-        _check_choice("model", "pooling", self.pooling, ("projection", "cls", "mean"))
-        _check_choice("model", "fusion", self.fusion, ("average", "concat", "attention", "weighted"))
+        _check_choice("model", "pooling", self.pooling, POOLINGS)
+        _check_choice("model", "fusion", self.fusion, FUSIONS)
+        for head in self.heads:
+            _check_choice("model", "heads", head, HEADS)
+        if not self.heads or len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"model.heads={list(self.heads)}: give each head once, at least one")
+        if self.cell_max_size < 2 * self.cell_min_size - 1:
+            raise ConfigError(
+                f"model.cell_max_size={self.cell_max_size}: must be >= 2 * model.cell_min_size - 1 "
+                f"({2 * self.cell_min_size - 1}), or an oversized cell could not be split"
+            )
 
 
 @dataclass
 class LossConfig:
-    tau_km: float = 75.0  # temperature of the haversine label smoothing
+    tau_km: float = 75.0  # temperature of the haversine label smoothing (state and cell targets)
     soft_labels: str = "sample"  # state | sample (PIGEON)
     gps_loss: str = "haversine"  # mse | mae | smooth_l1 | haversine
-    cls_weight: float = 0.8
-    gps_weight: float = 0.2
+    # weight of each head's loss term, by head name (heads the model lacks are ignored)
+    weights: dict[str, float] = field(default_factory=lambda: {"state": 0.8, "gps": 0.2, "cell": 0.8})
 
     def __post_init__(self):
-        _check_choice("loss", "soft_labels", self.soft_labels, ("state", "sample"))
-        _check_choice("loss", "gps_loss", self.gps_loss, ("mse", "mae", "smooth_l1", "haversine"))
+        _check_choice("loss", "soft_labels", self.soft_labels, SOFT_LABEL_MODES)
+        _check_choice("loss", "gps_loss", self.gps_loss, GPS_LOSSES)
         _check_ranges("loss", self)
-        if self.cls_weight + self.gps_weight <= 0:
-            raise ConfigError(
-                f"loss.cls_weight={self.cls_weight} and loss.gps_weight={self.gps_weight}: their sum must be > 0"
-            )
+        for head, w in self.weights.items():
+            if head not in HEADS:
+                raise ConfigError(f"loss.weights.{head}: not a head; the heads are {list(HEADS)}")
+            if not in_interval(w, "[0, inf)"):
+                raise ConfigError(f"loss.weights.{head}={w!r}: must be >= 0 (a finite number)")
+        if sum(self.weights.values()) <= 0:
+            raise ConfigError(f"loss.weights={dict(self.weights)}: their sum must be > 0")
+
+
+@dataclass
+class DecodeConfig:
+    """How head outputs become the top-5 states and the point (geoloc.decoders); infer.py flags override it.
+
+    ``auto``: state probabilities from the cells when the model has a cell head, else from the state head;
+    the point from the Bayes decoding of the cells when it has cells, else from the GPS head."""
+
+    state: str = "auto"  # auto | head | cells
+    gps: str = "auto"  # auto | regression | cell (argmax centroid) | bayes (cells) | knn (neighbours)
+    bayes_top_k: int = 10  # cells the Bayes point is taken over
+    knn_k: int = 5  # neighbours of the retrieval index (when the model has one)
+    knn_temperature: float = 0.05  # softmax temperature over the neighbours' cosine similarities
+    knn_alpha: float = 0.0  # weight of the neighbours' state vote blended into the state probabilities
+
+    def __post_init__(self):
+        _check_choice("decode", "state", self.state, STATE_DECODERS)
+        _check_choice("decode", "gps", self.gps, GPS_DECODERS)
+        _check_ranges("decode", self)
 
 
 @dataclass
@@ -189,6 +247,9 @@ class TrainConfig:
     # seconds a collective may wait for the other ranks before the job ends (a stopped or hung rank);
     # longer than any legitimate solo work of one rank (writing a checkpoint, exporting the model)
     dist_timeout_s: float = DIST_TIMEOUT_S
+    # after training: index the best model's training embeddings (kNN decoding) and record the decoder
+    # that scores best on val as the exported model's default (geoloc.train.index)
+    build_index: bool = True
 
     def __post_init__(self):
         _check_ranges("train", self)
@@ -196,13 +257,14 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
+    """infer.py's options (its flags); checked like the training config, each key named by its flag."""
+
     batch_size: int = 64
-    tta: str = "none"  # none | scales
+    tta: str = "none"  # none | scales | crop fractions
     num_workers: int = 4
 
     def __post_init__(self):
         _check_ranges("infer", self)
-        _check_choice("infer", "tta", self.tta, ("none", "scales"))
 
 
 @dataclass
@@ -211,7 +273,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 # Named presets: dotted overrides applied after the config file.
@@ -229,8 +291,6 @@ PRESETS: dict[str, list[str]] = {
         "train.epochs_finetune=1",
         "train.save_every_steps=50",
         "train.log_every=1",
-        "infer.batch_size=16",
-        "infer.num_workers=1",
     ],
 }
 
@@ -245,7 +305,7 @@ def _merge(base, overrides, source: str):
         raise ConfigError(f"{source}: {key}: {reason}") from None
 
 
-SECTIONS_HINT = "the top level must be a mapping of sections (data, model, loss, train, infer)"
+SECTIONS_HINT = "the top level must be a mapping of sections (data, model, loss, train, decode)"
 
 
 def load_yaml(path: str | Path) -> DictConfig:

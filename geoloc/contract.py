@@ -42,6 +42,9 @@ SUBMISSION_COLUMNS = (
     "predicted_longitude",
 )
 MAX_STATE_IDX = 49  # original indices live in 0..49
+# the competition's places: the contiguous US, Alaska and Hawaii (degrees). The GPS head predicts inside
+# it and the submission check warns about points outside it.
+US_BOX = {"lat": (18.0, 72.0), "lon": (-180.0, -65.0)}
 
 
 class DataContractError(GeolocError, ValueError):

@@ -104,7 +104,7 @@ def start_parent_watchdog(interval_s: float = 1.0) -> threading.Thread | None:
 
 
 def eval_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module evaluation forwards go through: DDP and DeepSpeed engine wrappers removed.
+    """The module evaluation forwards go through: DDP, DeepSpeed engine and torch.compile wrappers removed.
 
     DDP broadcasts its buffers at every forward (``broadcast_buffers=True``), also under ``no_grad``: ranks
     with different batch counts would then wait for each other forever. The unwrapped module has the
@@ -114,9 +114,13 @@ def eval_module(model: torch.nn.Module) -> torch.nn.Module:
 
     engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
     wrappers = (DistributedDataParallel,) + ((engine,) if engine is not None else ())
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile(model)
+            model = model._orig_mod
+        else:
+            return model
 
 
 def needs_lockstep(module: torch.nn.Module) -> bool:

@@ -30,14 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoloc.backbone import backbone_from_config
 from geoloc.config import Config, ConfigError, read_config, save_config
 from geoloc.contract import VIEWS
 from geoloc.errors import GeolocError
 from geoloc.fileio import file_sha256
 from geoloc.labels import LabelEncoder
-from geoloc.model import GeoModel, backbone_from_config
+from geoloc.model import GeoModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: heads by name, geocells, decoder, retrieval index (1: fixed state + gps heads)
+INDEX_DIR = "index"  # the retrieval index of training embeddings (geoloc.retrieval), when built
 WEIGHTS = "model.safetensors"
 BACKBONE_CONFIG = "backbone_config.json"
 META = "geoloc.json"
@@ -84,21 +86,34 @@ class LoadedModel:
     centroids: np.ndarray  # (C, 2) lat/lon degrees per contiguous class
     prior: dict
     meta: dict  # the whole geoloc.json
+    cells: object = None  # geoloc.geocells.GeoCells, or None without a cell head
+    index: object = None  # geoloc.retrieval.EmbeddingIndex of training embeddings, or None
 
+    @property
+    def heads(self) -> list[str]:
+        return list(self.meta["heads"])
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The GeoModel inside DDP / DeepSpeed / torch.compile wrappers."""
-    while not isinstance(model, GeoModel):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise TypeError(f"expected a GeoModel (possibly wrapped), got {type(model).__name__}")
-        model = inner
-    return model
+    def decode_config(self, **overrides):
+        """The model's default decoding (the one that won on val, else the run's), with ``overrides``."""
+        from dataclasses import replace
+
+        from geoloc.config import DecodeConfig
+
+        return replace(DecodeConfig(**self.meta.get("decoder", {})), **overrides)
+
+    def decoder(self, spec=None, device="cpu"):
+        """A :class:`geoloc.decoders.Decoder` of this model (``spec``: a DecodeConfig, default its own)."""
+        from geoloc.decoders import Decoder
+
+        spec = spec or self.decode_config()
+        return Decoder(spec, self.heads, self.encoder, self.cells, self.index, device)
 
 
 def vision_config_dict(model: nn.Module) -> dict:
     """The backbone's CLIP vision config as a plain dict (what ``backbone_config.json`` holds)."""
-    return unwrap(model).backbone.config.to_dict()
+    from geoloc.distributed import eval_module
+
+    return eval_module(model).backbone.config.to_dict()
 
 
 def _clean_key(key: str) -> str:
@@ -133,18 +148,24 @@ def _check_inputs(num_classes: int, encoder: LabelEncoder, preprocess: dict, cen
         raise ValueError(f"preprocess dict lacks {missing}")
 
 
-def _meta(cfg, embed_dim, num_classes, encoder, preprocess, centroids, prior, extra) -> dict:
+def _meta(cfg, embed_dim, num_classes, encoder, preprocess, centroids, prior, cells, extra) -> dict:
+    from dataclasses import asdict
+
     return {
         "format_version": FORMAT_VERSION,
         "views": list(VIEWS),
         "pooling": cfg.model.pooling,
         "fusion": cfg.model.fusion,
+        "heads": list(cfg.model.heads),
         "embed_dim": int(embed_dim),
         "num_classes": int(num_classes),
+        "num_cells": 0 if cells is None else int(cells.num_cells),
         "label_encoder": encoder.to_dict(),
         "preprocess": {k: preprocess[k] for k in PREPROCESS_KEYS},
         "soft_labels": {"mode": cfg.loss.soft_labels, "tau_km": cfg.loss.tau_km},
         "centroids": centroids.tolist(),
+        "cells": None if cells is None else cells.to_dict(),
+        "decoder": asdict(cfg.decode),  # the run's; replaced by the one that wins on val (geoloc.train.index)
         "prior": prior,
         "extra": extra or {},
     }
@@ -181,13 +202,16 @@ def save_model_dir(
     preprocess: dict,
     centroids,
     prior: dict,
+    cells=None,
     extra: dict | None = None,
 ) -> Path:
-    """Write the model directory atomically (replacing an existing one); returns its path."""
+    """Write the model directory atomically (replacing an existing one); returns its path.
+
+    ``cells``: the run's ``geoloc.geocells.GeoCells`` (saved in geoloc.json; needed with a cell head)."""
     path = Path(path)
     centroids = np.asarray(centroids, dtype=np.float64)
     _check_inputs(num_classes, encoder, preprocess, centroids)
-    meta = _meta(cfg, embed_dim, num_classes, encoder, preprocess, centroids, prior, extra)
+    meta = _meta(cfg, embed_dim, num_classes, encoder, preprocess, centroids, prior, cells, extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of this very process id
@@ -228,9 +252,17 @@ def read_meta(path: Path) -> dict:
     """``geoloc.json`` of the model directory ``path``, its keys and format version checked."""
     meta = read_json_mapping(path / META, META_KEYS)
     if meta["format_version"] != FORMAT_VERSION:
-        raise ModelDirError(
-            f"{path / META}: format_version {meta['format_version']!r}, expected {FORMAT_VERSION}"
+        older = (
+            " (written before heads by name: export it again with this version)"
+            if meta["format_version"] == 1
+            else ""
         )
+        raise ModelDirError(
+            f"{path / META}: format_version {meta['format_version']!r}, expected {FORMAT_VERSION}{older}"
+        )
+    missing = [k for k in ("heads", "num_cells", "cells", "decoder") if k not in meta]
+    if missing:
+        raise ModelDirError(f"{path / META}: missing key(s) {missing}")
     preprocess = meta["preprocess"]
     missing = [k for k in PREPROCESS_KEYS if not isinstance(preprocess, dict) or k not in preprocess]
     if missing:
@@ -305,7 +337,9 @@ def _build_model(path: Path, meta: dict, cfg: Config) -> GeoModel:
         raise ModelDirError(
             f"{path}: {BACKBONE_CONFIG} gives embed_dim {dim}, {META} key 'embed_dim' says {meta['embed_dim']}"
         )
-    return GeoModel(backbone, dim, meta["num_classes"], cfg.model)
+    from geoloc.heads import HeadSizes
+
+    return GeoModel(backbone, dim, cfg.model, HeadSizes(meta["num_classes"], meta["num_cells"]))
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -334,4 +368,44 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         centroids=centroids,
         prior=meta["prior"],
         meta=meta,
+        cells=_cells(path, meta),
+        index=_index(path, meta, device),
     )
+
+
+def _cells(path: Path, meta: dict):
+    """The geocells recorded in geoloc.json (None without them)."""
+    if meta["cells"] is None:
+        return None
+    from geoloc.geocells import GeoCells
+
+    try:
+        cells = GeoCells.from_dict(meta["cells"])
+    except ValueError as err:
+        raise ModelDirError(f"{path / META}: key 'cells': {err}") from None
+    if cells.num_cells != meta["num_cells"]:
+        raise ModelDirError(
+            f"{path / META}: key 'cells' has {cells.num_cells} cells, 'num_cells' says {meta['num_cells']}"
+        )
+    return cells
+
+
+def _index(path: Path, meta: dict, device):
+    """The retrieval index in ``path/index`` (None when the model has none), its checksum verified."""
+    digest = meta.get("index_sha256")
+    if digest is None:
+        return None
+    from geoloc.retrieval import EmbeddingIndex, IndexFileError
+
+    folder = path / INDEX_DIR
+    if not (folder / "index.safetensors").is_file():
+        raise ModelDirError(f"{folder}: geoloc.json records a retrieval index, but it is missing")
+    actual = file_sha256(folder / "index.safetensors")
+    if actual != digest:
+        raise ModelDirError(
+            f"{folder / 'index.safetensors'}: modified or corrupted since export (sha256 {actual})"
+        )
+    try:
+        return EmbeddingIndex.load(folder, device=device)
+    except IndexFileError as err:
+        raise ModelDirError(str(err)) from None

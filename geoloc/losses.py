@@ -1,4 +1,5 @@
-"""Training losses: soft-target cross-entropy on the state head, a GPS loss, and their weighted sum.
+"""Training losses: soft-target cross-entropy, the GPS losses, and the :class:`Criterion` that sums the
+heads' terms (each head picks its own, see :mod:`geoloc.heads`).
 
 All are computed in float32 (logits and GPS may arrive in bf16 under autocast) and reduce to a scalar
 mean over the batch.
@@ -9,11 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from geoloc.config import LossConfig
 from geoloc.geo import haversine_km
+from geoloc.metrics import GPS_SCALE_KM  # the competition's scale: haversine loss = mean km / 5000
 
 GPS_LOSSES = ("mse", "mae", "smooth_l1", "haversine")
-GPS_SCALE_KM = 5000.0  # the competition's GPS scale: haversine loss = mean km / 5000
 LATLON_SCALE = (90.0, 180.0)  # lat / 90 and lon / 180 put both coordinates in [-1, 1]
 SMOOTH_L1_BETA = 1.0 / 90.0  # quadratic below ~1 degree of latitude (~111 km), linear above
 
@@ -45,22 +45,25 @@ def gps_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "haversine") 
     raise ValueError(f"gps loss {kind!r}: choose one of {list(GPS_LOSSES)}")
 
 
-def combined_loss(
-    logits: torch.Tensor,
-    gps: torch.Tensor,
-    label: torch.Tensor,
-    latlon: torch.Tensor,
-    soft_targets: torch.Tensor | None,
-    cfg: LossConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``cfg.cls_weight * CE + cfg.gps_weight * GPS`` and its terms (detached, for logging).
+class Criterion:
+    """Every loss term of a model, by head name, and their weighted sum; built once per run.
 
-    Shapes: logits ``(B, C)``, gps ``(B, 2)``, label ``(B,)``, latlon ``(B, 2)``, soft_targets ``(B, C)``
-    or None (then one-hot of ``label``).
+    ``criterion(outputs, batch)`` -> ``{"loss": sum of weight * term, "loss_<head>": term, ...}`` (fp32
+    scalars) for the heads in ``outputs``; the loop, the finiteness check and the logs take whatever terms
+    it returns. ``weights`` maps head names to weights (``loss.weights``); ``targets`` holds what the terms
+    need beyond the batch (:class:`geoloc.heads.Targets`).
     """
-    if soft_targets is None:
-        soft_targets = F.one_hot(label, logits.shape[-1]).float()
-    cls = soft_cross_entropy(logits, soft_targets)
-    reg = gps_loss(gps, latlon, cfg.gps_loss)
-    total = cfg.cls_weight * cls + cfg.gps_weight * reg
-    return total, {"loss_cls": cls.detach(), "loss_gps": reg.detach(), "loss": total.detach()}
+
+    def __init__(self, heads: list[str], weights: dict[str, float], targets):
+        from geoloc.heads import HEADS
+
+        missing = [h for h in heads if h not in weights]
+        if missing:
+            raise ValueError(f"loss.weights has no weight for head(s) {missing}")
+        self.heads = {h: HEADS[h] for h in heads}
+        self.weights, self.targets = {h: float(weights[h]) for h in heads}, targets
+
+    def __call__(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        terms = {f"loss_{h}": head.loss(outputs[h], batch, self.targets) for h, head in self.heads.items()}
+        total = sum(self.weights[h] * terms[f"loss_{h}"] for h in self.heads)
+        return {"loss": total, **terms}

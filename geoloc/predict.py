@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from geoloc.contract import VIEWS
 from geoloc.data.decoding import IMAGE_SIZE
 from geoloc.faults import fault_point
-from geoloc.infer.tta import crop_views
+from geoloc.preprocess import crop_views
 
 PROB_ATOL = 1e-3  # two copies of one sample may differ by batch-dependent rounding (bf16), not more
 PAD_ID = "__lockstep_padding__"  # the filler sample of an idle rank under lockstep: never kept
@@ -31,28 +31,41 @@ PAD_ID = "__lockstep_padding__"  # the filler sample of an idle rank under locks
 
 @dataclass
 class Predictions:
-    """Per-sample model outputs, numpy arrays aligned on ``sample_id`` (sorted after gathering).
+    """Per-sample outputs, numpy arrays aligned on ``sample_id`` (sorted after gathering).
 
-    Rows whose sample had no readable view (``n_views == 0``) carry NaN ``probs`` and ``gps``: the model
-    saw nothing, so the caller must predict them from the prior (see ``geoloc.infer.submission``).
+    ``values`` holds the decoded predictions by name: ``state_probs`` (N, C) float32 over contiguous
+    classes and ``gps`` (N, 2) float32 degrees (see :mod:`geoloc.decoders`), and any further per-sample
+    array a caller asked for (e.g. ``embedding``). Rows whose sample had no readable view
+    (``n_views == 0``) carry NaN values: the model saw nothing, so the caller must predict them from the
+    prior (see ``geoloc.infer.submission``).
     """
 
     sample_id: np.ndarray  # (N,) str
-    probs: np.ndarray  # (N, C) float32 softmax over contiguous classes
-    gps: np.ndarray  # (N, 2) float32 predicted (lat, lon) in degrees
     label: np.ndarray  # (N,) int64 contiguous class, -1 when unlabelled
     latlon: np.ndarray  # (N, 2) float32 true (lat, lon), NaN when unlabelled
     n_views: np.ndarray  # (N,) int64 readable views the model saw
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, ...) float32
 
     def __len__(self) -> int:
         return len(self.sample_id)
 
-    def take(self, index) -> Predictions:
-        """Rows ``index`` (an integer array or a boolean mask) of every field."""
-        return Predictions(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+    @property
+    def probs(self) -> np.ndarray:
+        """(N, C) state probabilities."""
+        return self.values["state_probs"]
 
-    def to_dict(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    @property
+    def gps(self) -> np.ndarray:
+        """(N, 2) predicted (lat, lon) in degrees."""
+        return self.values["gps"]
+
+    def take(self, index) -> Predictions:
+        """Rows ``index`` (an integer array or a boolean mask) of every field and value."""
+        rows = {k: getattr(self, k)[index] for k in ROW_FIELDS}
+        return Predictions(**rows, values={k: v[index] for k, v in self.values.items()})
+
+    def to_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in ROW_FIELDS}, "values": dict(self.values)}
 
     @property
     def has_views(self) -> np.ndarray:
@@ -65,12 +78,13 @@ class Predictions:
         return self.label >= 0
 
 
-def empty_predictions(num_classes: int) -> Predictions:
-    """Zero rows with the right dtypes (a rank whose loader yielded nothing)."""
+ROW_FIELDS = ("sample_id", "label", "latlon", "n_views")
+
+
+def empty_predictions() -> Predictions:
+    """Zero rows and no values (a rank whose loader yielded nothing)."""
     return Predictions(
         sample_id=np.array([], dtype=object),
-        probs=np.zeros((0, num_classes), np.float32),
-        gps=np.zeros((0, 2), np.float32),
         label=np.zeros((0,), np.int64),
         latlon=np.zeros((0, 2), np.float32),
         n_views=np.zeros((0,), np.int64),
@@ -81,13 +95,14 @@ def concat_predictions(parts: list[Predictions]) -> Predictions:
     """Stack rows of several parts, field by field (order kept; no sorting, no de-duplication)."""
     if not parts:
         raise ValueError("concat_predictions needs at least one part")
-    filled = [p for p in parts if len(p)] or parts[:1]  # an empty rank's part has no class width
-    widths = {p.probs.shape[1] for p in filled}
-    if len(widths) > 1:
-        raise ValueError(f"parts disagree on the number of classes: {sorted(widths)}")
-    return Predictions(
-        **{f.name: np.concatenate([getattr(p, f.name) for p in filled]) for f in fields(Predictions)}
-    )
+    filled = [p for p in parts if len(p)] or parts[:1]  # an empty rank's part has no values
+    keys = {tuple(sorted(p.values)) for p in filled}
+    widths = {tuple(v.shape[1:] for _, v in sorted(p.values.items())) for p in filled}
+    if len(keys) > 1 or len(widths) > 1:
+        raise ValueError(f"parts disagree on their values or their widths: {sorted(keys)}, {sorted(widths)}")
+    rows = {k: np.concatenate([getattr(p, k) for p in filled]) for k in ROW_FIELDS}
+    values = {k: np.concatenate([p.values[k] for p in filled]) for k in filled[0].values}
+    return Predictions(**rows, values=values)
 
 
 def dedupe_by_id(preds: Predictions, atol: float = PROB_ATOL) -> Predictions:
@@ -108,11 +123,10 @@ def dedupe_by_id(preds: Predictions, atol: float = PROB_ATOL) -> Predictions:
 
 
 def _check_same_row(preds: Predictions, i: int, j: int, atol: float) -> None:
-    exact = ("label", "n_views")
-    close = ("probs", "gps", "latlon")
-    same = all(np.array_equal(getattr(preds, k)[i], getattr(preds, k)[j]) for k in exact) and all(
-        np.allclose(getattr(preds, k)[i], getattr(preds, k)[j], atol=atol, rtol=0, equal_nan=True)
-        for k in close
+    exact = [preds.label, preds.n_views]
+    close = [preds.latlon, *preds.values.values()]
+    same = all(np.array_equal(a[i], a[j]) for a in exact) and all(
+        np.allclose(a[i], a[j], atol=atol, rtol=0, equal_nan=True) for a in close
     )
     if not same:
         raise ValueError(f"sample {preds.sample_id[i]!r} was predicted twice with different results")
@@ -137,24 +151,22 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def forward_probs(model, pixels_fn, images, view_mask, tta_scales) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and GPS of one batch, averaged over the TTA scales.
+def forward_values(predictor, pixels_fn, images, view_mask, tta_scales) -> dict[str, torch.Tensor]:
+    """A batch's decoded values (``state_probs`` (B, C), ``gps`` (B, 2), ...), averaged over TTA scales.
 
-    ``pixels_fn(images (B, V, 3, H, W) uint8) -> (B, V, 3, S, S) float``; returns ``(B, C), (B, 2)``
-    float32. Rows without any view get an all-True mask so the model never averages zero views; their
-    outputs are overwritten with NaN by the caller.
+    ``predictor(pixels, view_mask) -> {name: (B, ...)}``; ``pixels_fn(images (B, V, 3, H, W) uint8) ->
+    (B, V, 3, S, S) float``. Rows without any view get an all-True mask so the model never averages zero
+    views; their values are NaN.
     """
     has_view = view_mask.any(dim=1)  # (B,)
     safe_mask = view_mask | ~has_view[:, None]  # (B, V)
-    probs, gps = 0.0, 0.0
+    total: dict[str, torch.Tensor] = {}
     for scale in tta_scales:
-        out = model(pixels_fn(crop_views(images, scale)), safe_mask)
-        probs = probs + torch.softmax(out.logits.float(), dim=-1)
-        gps = gps + out.gps.float()
+        for name, value in predictor(pixels_fn(crop_views(images, scale)), safe_mask).items():
+            total[name] = total.get(name, 0.0) + value.float()
     nan = torch.tensor(float("nan"), device=images.device)
-    probs = torch.where(has_view[:, None], probs / len(tta_scales), nan)
-    gps = torch.where(has_view[:, None], gps / len(tta_scales), nan)
-    return probs, gps
+    seen = {k: has_view.view(-1, *([1] * (v.dim() - 1))) for k, v in total.items()}  # (B, 1, ...)
+    return {k: torch.where(seen[k], v / len(tta_scales), nan) for k, v in total.items()}
 
 
 def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -164,15 +176,14 @@ def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((size - x.shape[0], *x.shape[1:]))])
 
 
-def _batch_rows(batch: dict, probs: torch.Tensor, gps: torch.Tensor) -> Predictions:
-    """A batch's outputs and targets as numpy rows."""
+def _batch_rows(batch: dict, values: dict[str, torch.Tensor], n: int) -> Predictions:
+    """A batch's first ``n`` rows (the rest is padding) of outputs and targets as numpy rows."""
     return Predictions(
         sample_id=np.asarray(list(batch["sample_id"]), dtype=object),
-        probs=probs.cpu().numpy().astype(np.float32),
-        gps=gps.cpu().numpy().astype(np.float32),
         label=batch["label"].cpu().numpy().astype(np.int64),
         latlon=batch["latlon"].cpu().numpy().astype(np.float32),
         n_views=batch["view_mask"].sum(dim=1).cpu().numpy().astype(np.int64),
+        values={k: v[:n].cpu().numpy().astype(np.float32) for k, v in values.items()},
     )
 
 
@@ -206,10 +217,13 @@ def predict(
     progress: bool = True,
     batch_size: int | None = None,
     total: int | None = None,
+    decoder=None,
 ) -> Predictions:
     """Predict every sample of ``loader`` (this rank's share) and gather all ranks' rows.
 
-    ``model(pixels, view_mask)`` returns ``.logits (B, C)`` and ``.gps (B, 2)``; ``preprocessor`` maps
+    ``model(pixels, view_mask)`` returns a dict of outputs; ``decoder`` (a :class:`geoloc.decoders.Decoder`)
+    turns them into ``state_probs`` (B, C) and ``gps`` (B, 2) (an ensemble decodes itself: no decoder);
+    ``preprocessor`` maps
     uint8 ``(B, V, 3, H, W)`` to normalised float pixels on the device. ``dtype`` defaults to bf16 on
     GPU and fp32 on CPU. ``tta_scales`` are centre-crop fractions averaged over (default: ``(1.0,)``).
     A short batch is zero-padded to ``batch_size`` rows (default: the largest batch seen so far): with
@@ -225,6 +239,7 @@ def predict(
     dtype = dtype or default_dtype(device)
     scales = tuple(tta_scales or (1.0,))
     model = eval_module(model)
+    predictor = model if decoder is None else (lambda pixels, mask: decoder(model(pixels, mask)))
     total = total or _loader_len(loader)  # batches of this rank, for the progress bar
     if needs_lockstep(model):
         loader = lockstep(loader, accelerator, padding_batch)
@@ -245,8 +260,8 @@ def predict(
             n = images.shape[0]
             pad_to = max(pad_to, n)
             padded = pad_rows(images, pad_to), pad_rows(view_mask, pad_to)
-            probs, gps = forward_probs(model, preprocessor, *padded, scales)
-            rows.append(_batch_rows(batch, probs[:n], gps[:n]))
+            values = forward_values(predictor, preprocessor, *padded, scales)
+            rows.append(_batch_rows(batch, values, n))
             fault_point("predict.batch")  # crash tests: one rank dies mid-way
             n_seen += n
             bar.update(1)
@@ -254,7 +269,7 @@ def predict(
             bar.set_postfix({"samples/s": f"{rate:.1f}"})  # all ranks, assuming they keep pace
     bar.close()
     model.train(was_training)
-    local = concat_predictions(rows) if rows else empty_predictions(0)  # a rank may get no batch
+    local = concat_predictions(rows) if rows else empty_predictions()  # a rank may get no batch
     local = local.take(local.sample_id != PAD_ID)
     return gather_predictions(local, accelerator)
 

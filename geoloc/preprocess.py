@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoloc.config import DataConfig
-from geoloc.tiny_clip import CLIP_MEAN, CLIP_STD
+
+# OpenAI CLIP's normalisation: what a checkpoint without a preprocessor_config.json was trained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _preprocessor_json(backbone: str) -> dict:
@@ -127,3 +130,18 @@ class Preprocessor(nn.Module):
         x = x * self.scale + self.shift  # (B*V, 3, S, S) normalised
         # loader batches are channels-last views; hand the model plain contiguous (B, V, 3, S, S)
         return x.to(self.dtype).contiguous().view(b, v, 3, self.image_size, self.image_size)
+
+
+def crop_views(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Centre crop keeping ``scale`` of each side: ``(B, V, 3, H, W) -> (B, V, 3, h, w)``, same dtype.
+
+    ``scale == 1`` returns the input itself; the preprocessor then resizes any size to the backbone's.
+    """
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"TTA scale {scale}: must be in (0, 1]")
+    if scale == 1.0:
+        return images
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[..., top : top + ch, left : left + cw]

@@ -1,6 +1,6 @@
 """A generated data set in exactly the competition contract, for tests and the demo.
 
-    python -m geoloc.synth OUT_DIR [--n-train 200] [--n-test 50] [--seed 0] [--num-states 12]
+    python -m geoloc.synth OUT_DIR [--n-train 200] [--n-test 50] [--seed 0] [--num-states 12] [--mode easy]
 
 Every location is drawn inside one of ``num_states`` real US states (picked by the seed from the 50,
 indexed 0..49 in alphabetical order, so the indices that occur have gaps), with more samples for some
@@ -8,6 +8,15 @@ states than others. Each of the 4 views is a coarse street-like scene (sky, grou
 colours come from the state's palette, rolled per view, while latitude/longitude move the horizon, the
 block and a colour gradient: a tiny model at 56 px learns the state and roughly the point in minutes.
 The test labels go to ``test_answers.csv``, never into the data root's contract files.
+
+``mode="realistic"`` (``--mode realistic``) is the honest benchmark: points are drawn uniformly (by
+area) inside the real state outlines (``geoloc.geography``; 36 states by default, still a seeded,
+imbalanced subset with gaps in the indices), and the views come from ``geoloc.synth_realistic``: scenes
+(sky and ground colours, horizon, relief, trees, buildings, road, lane colour, haze) that are smooth
+functions of the position over the whole US, so neighbouring states look alike and a state's interior
+varies, with per-place weather, per-view layout and pixel noise; the state shows only as a small sign in
+a few views. A tiny model cannot read the state off it: state accuracy is well below 1 and distance
+errors are hundreds of km, so ablations mean something. The default ``easy`` mode is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from PIL import Image
 from geoloc import contract
 
 ANSWERS_CSV = "test_answers.csv"
+MODES = ("easy", "realistic")
+DEFAULT_NUM_STATES = {"easy": 12, "realistic": 36}
 
 # (name, centre latitude, centre longitude, radius in degrees): a disc that lies inside the state
 # fmt: off
@@ -89,6 +100,17 @@ def draw_points(rng: np.random.Generator, states: np.ndarray) -> np.ndarray:
     return np.stack([table[:, 0] + r * np.sin(angle), table[:, 1] + r * np.cos(angle)], axis=1)
 
 
+def draw_points_in_outlines(rng: np.random.Generator, states: np.ndarray) -> np.ndarray:
+    """(N, 2) lat/lon, uniform by area inside each row's real state outline (``geoloc.geography``)."""
+    from geoloc.geography import sample_points
+
+    points = np.empty((len(states), 2))
+    for s in np.unique(states):  # sorted: the draw order, hence the points, depend only on the rng
+        rows = np.flatnonzero(states == s)
+        points[rows] = sample_points(STATES[s][0], len(rows), rng)
+    return points
+
+
 def render_view(
     palette: np.ndarray,
     local: tuple[float, float],
@@ -147,6 +169,16 @@ def write_views(
         (folder / image_name(sample_id, view)).write_bytes(jpeg_bytes(pixels))
 
 
+def write_realistic_views(
+    folder: Path, sample_id: str, state: int, latlon: np.ndarray, cue: np.ndarray, size: int, rng, waves
+) -> None:
+    """The four views of a ``realistic`` place; ``cue`` (3,) is the colour of the state's rare sign."""
+    from geoloc.synth_realistic import render_place
+
+    for view, pixels in zip(contract.VIEWS, render_place(latlon, cue, size, rng, waves)):
+        (folder / image_name(sample_id, view)).write_bytes(jpeg_bytes(pixels))
+
+
 def label_table(ids: list[str], states: np.ndarray, points: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -179,17 +211,25 @@ def generate_dataset(
     n_train: int = 200,
     n_test: int = 50,
     seed: int = 0,
-    num_states: int = 12,
+    num_states: int | None = None,
     image_size: int = 256,
+    mode: str = "easy",
 ) -> Path:
-    """Write a data root (images, the three contract CSVs, ``test_answers.csv``); returns its path."""
+    """Write a data root (images, the three contract CSVs, ``test_answers.csv``); returns its path.
+
+    ``mode``: ``easy`` (per-state palettes in discs; the demo's) or ``realistic`` (real outlines,
+    smooth scenes; see the module docstring). ``num_states`` defaults to 12 (easy) or 36 (realistic).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    chosen, weights = pick_states(rng, num_states)
+    chosen, weights = pick_states(rng, num_states or DEFAULT_NUM_STATES[mode])
     states = draw_states(rng, chosen, weights, n_train + n_test)
-    points = draw_points(rng, states)
+    points = draw_points(rng, states) if mode == "easy" else draw_points_in_outlines(rng, states)
     ids = [sample_id_for(i) for i in range(n_train + n_test)]
     palettes = state_palettes()
+    write = _view_writer(mode, palettes, image_size)
     for folder, part in (
         (contract.TRAIN_IMAGES, slice(0, n_train)),
         (contract.TEST_IMAGES, slice(n_train, None)),
@@ -197,7 +237,7 @@ def generate_dataset(
         (root / folder).mkdir(parents=True, exist_ok=True)
         for i in range(n_train + n_test)[part]:
             pixel_rng = np.random.default_rng([seed, i])  # per sample, so views don't depend on loop order
-            write_views(root / folder, ids[i], int(states[i]), points[i], palettes, image_size, pixel_rng)
+            write(root / folder, ids[i], int(states[i]), points[i], pixel_rng)
     train = label_table(ids[:n_train], states[:n_train], points[:n_train])
     train = train.assign(**image_columns(ids[:n_train]))[list(contract.TRAIN_COLUMNS)]
     train.to_csv(root / contract.TRAIN_CSV, index=False)
@@ -206,6 +246,20 @@ def generate_dataset(
     mapping = pd.DataFrame({"state_idx": range(len(STATES)), "state": [s[0] for s in STATES]})
     mapping.to_csv(root / contract.STATE_MAPPING, index=False)
     return root
+
+
+def _view_writer(mode: str, palettes: np.ndarray, size: int):
+    """``write(folder, sample_id, state, latlon, rng)`` for the mode."""
+    if mode == "easy":
+        return lambda folder, sid, state, latlon, rng: write_views(
+            folder, sid, state, latlon, palettes, size, rng
+        )
+    from geoloc.synth_realistic import world_waves
+
+    waves = world_waves()
+    return lambda folder, sid, state, latlon, rng: write_realistic_views(
+        folder, sid, state, latlon, palettes[state, 0].astype(np.float32), size, rng, waves
+    )
 
 
 def view_path(root: str | Path, sample_id: str, view: str) -> Path:
@@ -249,11 +303,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=200, help="labelled samples (train_ground_truth.csv)")
     parser.add_argument("--n-test", type=int, default=50, help="test samples (sample_submission.csv)")
     parser.add_argument("--seed", type=int, default=0, help="seed for states, points and pixels")
-    parser.add_argument("--num-states", type=int, default=12, help="how many of the 50 states occur")
+    parser.add_argument(
+        "--num-states", type=int, default=None, help="how many of the 50 states occur (12 easy, 36 realistic)"
+    )
     parser.add_argument("--image-size", type=int, default=256, help="side of each square JPEG view")
+    parser.add_argument("--mode", choices=MODES, default="easy", help="easy (the demo's) or realistic")
     args = parser.parse_args(argv)
-    root = generate_dataset(args.out, args.n_train, args.n_test, args.seed, args.num_states, args.image_size)
-    print(f"wrote {args.n_train} train + {args.n_test} test samples to {root}")
+    root = generate_dataset(
+        args.out, args.n_train, args.n_test, args.seed, args.num_states, args.image_size, args.mode
+    )
+    print(f"wrote {args.n_train} train + {args.n_test} test {args.mode} samples to {root}")
 
 
 if __name__ == "__main__":

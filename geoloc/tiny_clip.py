@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
+from geoloc.preprocess import CLIP_MEAN, CLIP_STD
 
 # StreetCLIP's vision tower: the config of openai/clip-vit-large-patch14-336, which geolocal/StreetCLIP
 # fine-tunes without changing it (ViT-L/14 at 336 px: 577 tokens, 304 M weights, projection to 768).

@@ -14,6 +14,7 @@ from geoloc.config import Config, ModelConfig
 from geoloc.contract import SAMPLE_SUBMISSION, read_state_mapping, read_train_table
 from geoloc.export import save_model_dir, vision_config_dict
 from geoloc.geo import state_centroids
+from geoloc.heads import HeadSizes
 from geoloc.labels import LabelEncoder
 from geoloc.metrics import Prior
 from geoloc.model import build_model
@@ -31,7 +32,7 @@ def export_tiny_model(clip_dir, data_root, out, seed: int = 0) -> Path:
     latlon = train[["latitude", "longitude"]].to_numpy(np.float64)
     cfg = Config(model=ModelConfig(backbone=str(clip_dir), head_hidden=16))
     torch.manual_seed(seed)
-    model = build_model(cfg.model, encoder.num_classes).eval()
+    model = build_model(cfg.model, HeadSizes(encoder.num_classes)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)

@@ -14,7 +14,10 @@ import geoloc.distributed
 from geoloc.infer.cli import main
 
 if __name__ == "__main__":
-    shutdown, geoloc.distributed.shutdown = geoloc.distributed.shutdown, lambda: None  # one group for all runs
+    shutdown, geoloc.distributed.shutdown = (
+        geoloc.distributed.shutdown,
+        lambda: None,
+    )  # one group for all runs
     for argv in json.loads(Path(sys.argv[1]).read_text()):
         code = main(argv)
         if code:

@@ -11,7 +11,7 @@ def test_defaults_are_pigeon_like():
     assert cfg.model.backbone == "geolocal/StreetCLIP"
     assert cfg.model.fusion == "average"
     assert cfg.loss.tau_km == 75.0
-    assert (cfg.loss.cls_weight, cfg.loss.gps_weight) == (0.8, 0.2)
+    assert cfg.model.heads == ["state", "gps"] and cfg.loss.weights == {"state": 0.8, "gps": 0.2, "cell": 0.8}
     assert (cfg.train.backbone_lr, cfg.train.head_lr) == (1e-5, 1e-3)
 
 
@@ -99,9 +99,15 @@ def test_a_config_file_that_is_not_a_mapping_of_sections_names_the_file(tmp_path
         ("train.backbone_lr=nan", ["train.backbone_lr=nan", "finite"]),
         ("loss.tau_km=inf", ["loss.tau_km=inf", "> 0"]),
         ("train.seed=-1", ["train.seed=-1"]),
-        ("infer.batch_size=0", ["infer.batch_size=0", ">= 1"]),
-        ("infer.num_workers=-1", ["infer.num_workers=-1", ">= 0"]),
-        ("loss.cls_weight=-0.5", ["loss.cls_weight=-0.5", ">= 0"]),
+        ("decode.knn_k=0", ["decode.knn_k=0", ">= 1"]),
+        ("decode.knn_alpha=2", ["decode.knn_alpha=2.0", "[0, 1]"]),
+        ("loss.weights.state=-0.5", ["loss.weights.state=-0.5", ">= 0"]),
+        ("loss.weights.nohead=1", ["loss.weights.nohead", "not a head"]),
+        ("model.heads=[state,state]", ["model.heads", "each head once"]),
+        ("model.heads=[]", ["model.heads", "at least one"]),
+        ("model.heads=[state,boat]", ["model.heads='boat'", "cell"]),
+        ("model.cell_max_size=10", ["model.cell_max_size=10", "2 * model.cell_min_size - 1"]),
+        ("decode.gps=nearest", ["decode.gps='nearest'", "bayes"]),
     ],
 )
 def test_out_of_range_values_are_refused_up_front_naming_the_key(override, words):
@@ -115,7 +121,9 @@ def _numeric_fields():
     """``(section, key, type)`` of every int/float key of every section (bools are not numbers here)."""
     from dataclasses import fields
 
-    sections = {f.name: f.default_factory for f in fields(Config)}
+    from geoloc.config import InferConfig
+
+    sections = {f.name: f.default_factory for f in fields(Config)} | {"infer": InferConfig}
     return [
         (section, f.name, f.type)
         for section, factory in sections.items()
@@ -139,7 +147,7 @@ def _outside(interval: str, kind: str) -> list:
 
 def test_every_numeric_key_of_every_section_has_a_range_that_is_enforced():
     """A new numeric key without a declared range fails here; so does a range that is not checked."""
-    from geoloc.config import RANGES, in_interval
+    from geoloc.config import RANGES, InferConfig, in_interval
 
     numeric = _numeric_fields()
     assert len(numeric) > 30  # the guard itself must see the sections
@@ -147,17 +155,28 @@ def test_every_numeric_key_of_every_section_has_a_range_that_is_enforced():
     cfg = load_config()
     for section, key, kind in numeric:
         interval = RANGES[section][key]
-        assert in_interval(getattr(getattr(cfg, section), key), interval), (section, key)  # defaults inside
+        defaults = InferConfig() if section == "infer" else getattr(cfg, section)
+        assert in_interval(getattr(defaults, key), interval), (section, key)  # defaults inside
         for value in _outside(interval, kind):
             with pytest.raises(ConfigError, match=rf"{section}\.{key}="):
-                load_config(overrides=[f"{section}.{key}={value}"])
+                _set(section, key, value)
 
 
-def test_loss_weights_must_not_both_be_zero():
-    with pytest.raises(ConfigError, match=r"loss\.cls_weight=0\.0 and loss\.gps_weight=0\.0: their sum"):
-        load_config(overrides=["loss.cls_weight=0", "loss.gps_weight=0"])
-    cfg = load_config(overrides=["loss.cls_weight=0", "loss.gps_weight=1"])  # one alone is fine
-    assert (cfg.loss.cls_weight, cfg.loss.gps_weight) == (0.0, 1.0)
+def _set(section: str, key: str, value):
+    """A config with one value set: through load_config, or InferConfig (infer.py's own options)."""
+    from geoloc.config import InferConfig
+
+    if section == "infer":
+        return InferConfig(**{key: float(value) if isinstance(value, str) else value})
+    return load_config(overrides=[f"{section}.{key}={value}"])
+
+
+def test_loss_weights_must_not_all_be_zero():
+    zeros = ["loss.weights.state=0", "loss.weights.gps=0", "loss.weights.cell=0"]
+    with pytest.raises(ConfigError, match=r"loss\.weights=.*their sum must be > 0"):
+        load_config(overrides=zeros)
+    cfg = load_config(overrides=zeros[:2])  # one alone is fine
+    assert cfg.loss.weights == {"state": 0.0, "gps": 0.0, "cell": 0.8}
 
 
 def test_boundary_values_that_mean_off_are_accepted():
@@ -173,8 +192,8 @@ def test_infer_config_is_validated_directly():
 
     with pytest.raises(ConfigError, match=r"infer\.batch_size=0"):
         InferConfig(batch_size=0)
-    with pytest.raises(ConfigError, match=r"infer\.tta='flip'"):
-        InferConfig(tta="flip")
+    with pytest.raises(ConfigError, match=r"infer\.num_workers=-1"):
+        InferConfig(num_workers=-1)
 
 
 def test_a_saved_config_with_a_bad_value_names_the_file(tmp_path):

@@ -20,6 +20,7 @@ from geoloc.export import (
     save_model_dir,
     vision_config_dict,
 )
+from geoloc.heads import HeadSizes
 from geoloc.labels import LabelEncoder
 from geoloc.model import build_model
 
@@ -39,7 +40,7 @@ def _trained_like(clip_dir, fusion="average", pooling="projection"):
     """A model whose head weights differ from a fresh init (a round trip must carry them)."""
     cfg = Config(model=ModelConfig(backbone=str(clip_dir), fusion=fusion, pooling=pooling, head_hidden=16))
     torch.manual_seed(1)
-    model = build_model(cfg.model, ENCODER.num_classes)
+    model = build_model(cfg.model, HeadSizes(ENCODER.num_classes))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -80,7 +81,7 @@ def test_round_trip_gives_identical_outputs_offline_without_source(
     pixels, mask = _inputs()
     with torch.no_grad():
         a, b = model(pixels, mask), loaded.model(pixels, mask)
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.gps, b.gps)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert loaded.encoder == ENCODER
     assert loaded.preprocess == PREPROCESS
     np.testing.assert_array_equal(loaded.centroids, CENTROIDS)
@@ -106,8 +107,8 @@ def test_weights_saved_fp32_and_wrapper_prefixes_stripped(clip_copy, tmp_path):
     assert keys == set(model.state_dict())
     assert dtypes == {torch.float32}
     reloaded = load_model_dir(out_dir).model
-    w = model.state_dict()["state_head.0.weight"]
-    torch.testing.assert_close(reloaded.state_dict()["state_head.0.weight"], w.bfloat16().float())
+    w = model.state_dict()["heads.state.net.0.weight"]
+    torch.testing.assert_close(reloaded.state_dict()["heads.state.net.0.weight"], w.bfloat16().float())
 
 
 @pytest.mark.parametrize("name", REQUIRED_FILES)
@@ -126,7 +127,7 @@ def test_missing_dir_error(tmp_path):
 
 def test_weights_not_matching_config_name_the_file(clip_copy, tmp_path):
     cfg, model = _trained_like(clip_copy)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("gps_head")}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.gps")}
     out_dir = _save(tmp_path / "model", cfg, model, model_state_dict=state)
     with pytest.raises(ModelDirError, match="model.safetensors.*do not fit"):
         load_model_dir(out_dir)
@@ -240,8 +241,8 @@ def test_a_model_exported_before_checksums_loads_with_a_warning(exported, caplog
     with caplog.at_level(logging.WARNING, logger="geoloc.export"):
         loaded = load_model_dir(out_dir)
     assert "exported before checksums" in caplog.text and str(out_dir) in caplog.text
-    w = model.state_dict()["state_head.0.weight"]
-    assert torch.equal(loaded.model.state_dict()["state_head.0.weight"], w)
+    w = model.state_dict()["heads.state.net.0.weight"]
+    assert torch.equal(loaded.model.state_dict()["heads.state.net.0.weight"], w)
 
 
 def _set(key, value):
@@ -320,7 +321,7 @@ def test_init_from_loads_verified_weights_or_stops_naming_the_file(exported, tmp
 
     assert initial_weights(opts(None)) is None
     assert torch.equal(
-        initial_weights(opts(out_dir))["gps_head.0.weight"], model.state_dict()["gps_head.0.weight"]
+        initial_weights(opts(out_dir))["heads.gps.net.0.weight"], model.state_dict()["heads.gps.net.0.weight"]
     )
     _flip_a_weight_byte(out_dir / export.WEIGHTS)
     with pytest.raises(TrainingError, match=r"--init-from .*model\.safetensors: modified or corrupted"):

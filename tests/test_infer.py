@@ -104,13 +104,13 @@ def test_submission_equals_a_direct_forward_pass(capsys, model_dir, tiny_data_ro
         images = torch.stack([decode_image((tiny_data_root / "test_images" / n).read_bytes()) for n in names])
         with torch.no_grad():
             out = loaded.model(pre(images[None]), torch.ones(1, 4, dtype=torch.bool))
-        top5 = top5_from_probs(torch.softmax(out.logits, -1).numpy(), loaded.encoder)[0]
+        top5 = top5_from_probs(torch.softmax(out["state"], -1).numpy(), loaded.encoder)[0]
         assert sub.loc[row.sample_id, list(PRED_STATE_COLUMNS)].tolist() == top5.tolist()
         np.testing.assert_allclose(
-            sub.loc[row.sample_id, "predicted_latitude"], out.gps[0, 0].item(), atol=1e-5
+            sub.loc[row.sample_id, "predicted_latitude"], out["gps"][0, 0].item(), atol=1e-5
         )
         np.testing.assert_allclose(
-            sub.loc[row.sample_id, "predicted_longitude"], out.gps[0, 1].item(), atol=1e-5
+            sub.loc[row.sample_id, "predicted_longitude"], out["gps"][0, 1].item(), atol=1e-5
         )
 
 
@@ -153,7 +153,7 @@ def test_ensemble_of_a_model_with_itself_equals_the_model(capsys, model_dir, tin
 
 def _single(loaded):
     p = loaded.preprocess
-    return Ensemble([loaded.model], [Preprocessor(p["image_size"], p["mean"], p["std"])])
+    return Ensemble([loaded.model], [Preprocessor(p["image_size"], p["mean"], p["std"])], [loaded.decoder()])
 
 
 def test_weighted_ensemble_averages_probabilities_and_points(
@@ -164,7 +164,10 @@ def test_weighted_ensemble_averages_probabilities_and_points(
     loader = make_raw_loader(tiny_data_root, template, batch_size=5, num_workers=0)
     pa = predict(_single(a), loader, identity, accelerator, progress=False)
     pb = predict(_single(b), loader, identity, accelerator, progress=False)
-    both = Ensemble([a.model, b.model], [_single(a).preprocessors[0], _single(b).preprocessors[0]], [3, 1])
+    members = [_single(m) for m in (a, b)]
+    both = Ensemble(
+        [a.model, b.model], [m.preprocessors[0] for m in members], [a.decoder(), b.decoder()], [3, 1]
+    )
     pe = predict(both, loader, identity, accelerator, progress=False)
     np.testing.assert_allclose(pe.probs, 0.75 * pa.probs + 0.25 * pb.probs, atol=1e-6)
     np.testing.assert_allclose(pe.gps, 0.75 * pa.gps + 0.25 * pb.gps, atol=1e-4)
@@ -223,7 +226,13 @@ def test_eval_report_equals_evaluate_as_the_trainer_calls_it(
         resolve_shards(str(tiny_shards), "val"), batch_size=3, num_workers=0, encoder=loaded.encoder
     )
     want = evaluate(
-        predict(loaded.model, loader, Preprocessor(p["image_size"], p["mean"], p["std"]), accelerator),
+        predict(
+            loaded.model,
+            loader,
+            Preprocessor(p["image_size"], p["mean"], p["std"]),
+            accelerator,
+            decoder=loaded.decoder(),
+        ),
         loaded.encoder,
     )
     assert want["n"] == read_manifest(str(tiny_shards))["splits"]["val"]["count"]

@@ -34,8 +34,10 @@ def best_val(run) -> dict:
 
 
 def test_eval_report_matches_the_trainers_val_metrics(capsys, trained_run, tiny_shards, tmp_path):
+    """With the decoding validation used (the run's ``decode``: state head + GPS regression here)."""
     code = main(["--eval", "--model", str(trained_run / "model"), "--shards", str(tiny_shards),
-                 "--out-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+                 "--out-dir", str(tmp_path), "--no-progress", "--decode-state", "head",
+                 "--decode-gps", "regression", "--knn-alpha", "0"])  # fmt: skip
     assert code == 0, capsys.readouterr()
     report = json.loads((tmp_path / "report.json").read_text())
     want = best_val(trained_run)
@@ -43,3 +45,19 @@ def test_eval_report_matches_the_trainers_val_metrics(capsys, trained_run, tiny_
     for key, value in want.items():
         # same predict() + evaluate(); only the batch composition differs (float32 rounding)
         assert report[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+def test_eval_with_the_models_default_decoder_reports_its_val_row(capsys, trained_run, tiny_shards, tmp_path):
+    """The decoder that won on val after training is the default, and --eval reproduces its table row."""
+    meta = json.loads((trained_run / "model" / "geoloc.json").read_text())
+    best = max(meta["decoders_val"], key=lambda row: row["score"])
+    assert (
+        best["decoder"] == meta["decoder"]
+        and (trained_run / "model" / "index" / "index.safetensors").is_file()
+    )
+    code = main(["--eval", "--model", str(trained_run / "model"), "--shards", str(tiny_shards),
+                 "--out-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["score"] == pytest.approx(best["score"], rel=1e-5)
+    assert report["mean_km"] == pytest.approx(best["mean_km"], rel=1e-5)

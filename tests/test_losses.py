@@ -1,13 +1,13 @@
-"""Losses against hand values, gradient flow, and the combined loss's weights and logged terms."""
+"""Losses against hand values, gradient flow, and the criterion's weights and named terms."""
 
 import math
 
 import pytest
 import torch
 
-from geoloc.config import LossConfig
-from geoloc.geo import EARTH_RADIUS_KM
-from geoloc.losses import SMOOTH_L1_BETA, combined_loss, gps_loss, soft_cross_entropy
+from geoloc.geo import EARTH_RADIUS_KM, distance_matrix, haversine_km, make_soft_labels
+from geoloc.heads import Targets
+from geoloc.losses import SMOOTH_L1_BETA, Criterion, gps_loss, soft_cross_entropy
 
 KM_PER_DEG = math.pi * EARTH_RADIUS_KM / 180  # ~111.195 km
 
@@ -59,29 +59,51 @@ def _batch(b=4, c=5, seed=0):
     return logits, gps, label, latlon, soft
 
 
+def _targets(kind="haversine", cells=None, tau=75.0):
+    centroids = torch.tensor([[30.0, -90.0], [35.0, -100.0], [40.0, -80.0], [45.0, -110.0], [33.0, -84.0]])
+    return Targets(centroids, distance_matrix(centroids), cells, "sample", tau, kind)
+
+
 @pytest.mark.parametrize("kind", ["mse", "mae", "smooth_l1", "haversine"])
-def test_combined_weights_terms_and_gradients(kind):
-    logits, gps, label, latlon, soft = _batch()
-    cfg = LossConfig(gps_loss=kind, cls_weight=0.3, gps_weight=2.0)
-    total, terms = combined_loss(logits, gps, label, latlon, soft, cfg)
-    assert set(terms) == {"loss_cls", "loss_gps", "loss"}
-    assert all(not t.requires_grad and t.dim() == 0 for t in terms.values())
-    assert terms["loss_cls"].item() == pytest.approx(soft_cross_entropy(logits, soft).item())
+def test_criterion_weights_named_terms_and_gradients(kind):
+    logits, gps, label, latlon, _ = _batch()
+    targets = _targets(kind)
+    criterion = Criterion(["state", "gps"], {"state": 0.3, "gps": 2.0, "cell": 9.0}, targets)
+    terms = criterion({"state": logits, "gps": gps, "embedding": None}, {"label": label, "latlon": latlon})
+    assert set(terms) == {"loss", "loss_state", "loss_gps"}  # only the model's heads, named by head
+    soft = make_soft_labels("sample", label, latlon, targets.centroids, targets.dist, 75.0)
+    assert terms["loss_state"].item() == pytest.approx(soft_cross_entropy(logits, soft).item())
     assert terms["loss_gps"].item() == pytest.approx(gps_loss(gps, latlon, kind).item())
-    expected = 0.3 * terms["loss_cls"].item() + 2.0 * terms["loss_gps"].item()
-    assert total.item() == pytest.approx(expected) and terms["loss"].item() == pytest.approx(expected)
-    total.backward()
+    expected = 0.3 * terms["loss_state"].item() + 2.0 * terms["loss_gps"].item()
+    assert terms["loss"].item() == pytest.approx(expected)
+    terms["loss"].backward()
     for grad in (logits.grad, gps.grad):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_combined_zero_weight_blocks_gradient_and_one_hot_default():
+def test_zero_weight_blocks_gradient():
     logits, gps, label, latlon, _ = _batch()
-    total, terms = combined_loss(logits, gps, label, latlon, None, LossConfig(cls_weight=1.0, gps_weight=0.0))
-    total.backward()
+    criterion = Criterion(["state", "gps"], {"state": 1.0, "gps": 0.0}, _targets())
+    criterion({"state": logits, "gps": gps}, {"label": label, "latlon": latlon})["loss"].backward()
     assert gps.grad.abs().sum() == 0 and logits.grad.abs().sum() > 0
-    one_hot = torch.nn.functional.one_hot(label, 5).float()
-    assert terms["loss_cls"].item() == pytest.approx(soft_cross_entropy(logits, one_hot).item())
+
+
+def test_cell_term_is_cross_entropy_against_haversine_smoothed_cells():
+    cells = torch.tensor([[30.0, -90.0], [31.0, -90.0], [45.0, -110.0]])  # (K, 2)
+    latlon = torch.tensor([[30.1, -90.0], [44.0, -109.0]])
+    logits = torch.randn(2, 3, requires_grad=True)
+    terms = Criterion(["cell"], {"cell": 1.0}, _targets(cells=cells, tau=50.0))(
+        {"cell": logits}, {"label": torch.tensor([0, 3]), "latlon": latlon}
+    )
+    d = haversine_km(latlon[:, None, 0], latlon[:, None, 1], cells[None, :, 0], cells[None, :, 1])
+    want = torch.softmax(-d / 50.0, -1)  # (2, 3): nearest cell gets most of the mass
+    assert want[0].argmax() == 0 and want[1].argmax() == 2
+    assert terms["loss_cell"].item() == pytest.approx(soft_cross_entropy(logits, want).item(), rel=1e-6)
+
+
+def test_a_head_without_a_weight_is_refused():
+    with pytest.raises(ValueError, match=r"no weight for head\(s\) \['cell'\]"):
+        Criterion(["state", "cell"], {"state": 1.0}, _targets())
 
 
 def test_haversine_gradient_finite_at_exact_prediction():
@@ -93,6 +115,9 @@ def test_haversine_gradient_finite_at_exact_prediction():
 
 
 def test_bf16_inputs_give_float32_losses():
-    logits, gps, label, latlon, soft = _batch()
-    total, _ = combined_loss(logits.bfloat16(), gps.bfloat16(), label, latlon, soft, LossConfig())
+    logits, gps, label, latlon, _ = _batch()
+    criterion = Criterion(["state", "gps"], {"state": 0.8, "gps": 0.2}, _targets())
+    total = criterion(
+        {"state": logits.bfloat16(), "gps": gps.bfloat16()}, {"label": label, "latlon": latlon}
+    )["loss"]
     assert total.dtype == torch.float32 and torch.isfinite(total)

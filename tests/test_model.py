@@ -5,23 +5,27 @@ import json
 import pytest
 import torch
 
-from geoloc.config import ModelConfig
-from geoloc.model import (
-    LAT_RANGE,
-    LON_RANGE,
-    GeoModel,
-    ModelOutput,
+from geoloc.backbone import (
     backbone_blocks,
     backbone_from_config,
-    bound_latlon,
-    build_model,
     enable_gradient_checkpointing,
     load_backbone,
-    param_groups,
     set_backbone_trainable,
 )
+from geoloc.config import FUSIONS, HEADS, ModelConfig
+from geoloc.contract import US_BOX
+from geoloc.heads import HEADS as HEAD_CLASSES
+from geoloc.heads import HeadSizes, bound_latlon
+from geoloc.model import FUSIONS as FUSION_CLASSES
+from geoloc.model import GeoModel, param_groups
+from geoloc.model import build_model as _build_model
 
 B, V, C = 3, 4, 5
+LAT_RANGE, LON_RANGE = US_BOX["lat"], US_BOX["lon"]
+
+
+def build_model(cfg: ModelConfig, num_classes: int, num_cells: int = 0) -> GeoModel:
+    return _build_model(cfg, HeadSizes(num_classes, num_cells))
 
 
 def _cfg(tiny_clip_dir, **kw) -> ModelConfig:
@@ -85,9 +89,11 @@ def test_shapes_for_each_fusion(fused_model):
         emb = fused_model.forward_features(pixels, mask)
         out = fused_model.forward_head(emb, mask)
     assert emb.shape == (B, V, fused_model.embed_dim)
-    assert out.logits.shape == (B, C) and out.gps.shape == (B, 2)
-    assert out.embedding.shape == (B, fused_model.fusion.out_dim)
-    assert all(torch.isfinite(t).all() for t in (out.logits, out.gps, out.embedding))  # incl. no-view row
+    assert out["state"].shape == (B, C) and out["gps"].shape == (B, 2)
+    assert out["embedding"].shape == (B, fused_model.fusion.out_dim)
+    assert all(
+        torch.isfinite(t).all() for t in (out["state"], out["gps"], out["embedding"])
+    )  # incl. no-view row
 
 
 def test_forward_equals_head_of_features(fused_model):
@@ -95,8 +101,8 @@ def test_forward_equals_head_of_features(fused_model):
     with torch.no_grad():
         full = fused_model(pixels, mask)
         split = fused_model.forward_head(fused_model.forward_features(pixels, mask), mask)
-    torch.testing.assert_close(full.logits, split.logits)
-    torch.testing.assert_close(full.gps, split.gps)
+    torch.testing.assert_close(full["state"], split["state"])
+    torch.testing.assert_close(full["gps"], split["gps"])
 
 
 def test_views_share_one_backbone_batch(tiny_clip_dir):
@@ -116,9 +122,9 @@ def test_masked_view_pixels_do_not_change_output(fused_model):
     changed[2] = float("nan")  # even garbage in a sample with no view at all
     with torch.no_grad():
         a, b = fused_model(pixels, mask), fused_model(changed, mask)
-    torch.testing.assert_close(a.logits, b.logits)
-    torch.testing.assert_close(a.gps, b.gps)
-    torch.testing.assert_close(a.embedding, b.embedding)
+    torch.testing.assert_close(a["state"], b["state"])
+    torch.testing.assert_close(a["gps"], b["gps"])
+    torch.testing.assert_close(a["embedding"], b["embedding"])
 
 
 def test_present_view_pixels_do_change_output(fused_model):
@@ -127,7 +133,7 @@ def test_present_view_pixels_do_change_output(fused_model):
     changed[1, 0] = torch.randn_like(changed[1, 0]) * 3  # view 0 of sample 1 is present
     with torch.no_grad():
         a, b = fused_model(pixels, mask), fused_model(changed, mask)
-    assert not torch.allclose(a.embedding[1], b.embedding[1])
+    assert not torch.allclose(a["embedding"][1], b["embedding"][1])
 
 
 def test_average_fusion_is_mean_over_present_views(tiny_clip_dir):
@@ -137,9 +143,9 @@ def test_average_fusion_is_mean_over_present_views(tiny_clip_dir):
         emb = model.forward_features(pixels, mask)
         out = model.forward_head(emb, mask)
         single = model.backbone(pixels[1, [0, 2]])  # sample 1 has views 0 and 2 only
-    torch.testing.assert_close(out.embedding[0], emb[0].mean(0))
-    torch.testing.assert_close(out.embedding[1], single.mean(0))
-    assert torch.all(out.embedding[2] == 0)  # no view: zero vector, finite heads
+    torch.testing.assert_close(out["embedding"][0], emb[0].mean(0))
+    torch.testing.assert_close(out["embedding"][1], single.mean(0))
+    assert torch.all(out["embedding"][2] == 0)  # no view: zero vector, finite heads
 
 
 @pytest.mark.parametrize("fusion", ["attention", "weighted"])
@@ -150,14 +156,14 @@ def test_learned_fusions_start_as_average_and_can_move(tiny_clip_dir, fusion):
     _, mask = _inputs()
     m = mask.unsqueeze(-1).float()
     average = (emb * m).sum(1) / m.sum(1).clamp_min(1)
-    torch.testing.assert_close(model.forward_head(emb, mask).embedding, average)
+    torch.testing.assert_close(model.forward_head(emb, mask)["embedding"], average)
     with torch.no_grad():  # non-uniform weights must still ignore missing views
         for p in model.fusion.parameters():
             p.normal_()
-        moved = model.forward_head(emb, mask).embedding
+        moved = model.forward_head(emb, mask)["embedding"]
         emb2 = emb.clone()
         emb2[~mask] = 100.0
-        torch.testing.assert_close(model.forward_head(emb2, mask).embedding, moved)
+        torch.testing.assert_close(model.forward_head(emb2, mask)["embedding"], moved)
     assert not torch.allclose(moved[0], average[0])
 
 
@@ -165,7 +171,7 @@ def test_concat_fusion_zeroes_missing_views_and_appends_mask(tiny_clip_dir):
     model = build_model(_cfg(tiny_clip_dir, fusion="concat"), C).eval()
     emb = torch.randn(B, V, model.embed_dim)
     _, mask = _inputs()
-    fused = model.forward_head(emb, mask).embedding  # (B, V*D + V)
+    fused = model.forward_head(emb, mask)["embedding"]  # (B, V*D + V)
     d = model.embed_dim
     expected = torch.cat([(emb * mask.unsqueeze(-1)).flatten(1), mask.float()], dim=1)
     assert fused.shape == (B, V * d + V)
@@ -175,10 +181,10 @@ def test_concat_fusion_zeroes_missing_views_and_appends_mask(tiny_clip_dir):
 def test_gps_within_bounds_for_extreme_inputs(tiny_clip_dir):
     model = build_model(_cfg(tiny_clip_dir), C).eval()
     with torch.no_grad():
-        for p in model.gps_head.parameters():
+        for p in model.heads["gps"].net.parameters():
             p.mul_(1e4)  # saturate the tanh both ways
         emb = torch.randn(64, V, model.embed_dim) * 1e3
-        gps = model.forward_head(emb, torch.ones(64, V, dtype=torch.bool)).gps
+        gps = model.forward_head(emb, torch.ones(64, V, dtype=torch.bool))["gps"]
     lat, lon = gps[:, 0], gps[:, 1]
     assert torch.isfinite(gps).all()
     assert (lat >= LAT_RANGE[0]).all() and (lat <= LAT_RANGE[1]).all()
@@ -190,7 +196,7 @@ def test_state_head_last_layer_starts_small(tiny_clip_dir):
     model = build_model(_cfg(tiny_clip_dir), C).eval()
     pixels, mask = _inputs()
     with torch.no_grad():
-        logits = model(pixels, mask).logits
+        logits = model(pixels, mask)["state"]
     assert logits.abs().max() < 0.1  # near-uniform class probabilities at initialisation
 
 
@@ -301,14 +307,14 @@ def test_param_groups_layer_decay_and_weight_decay(tiny_clip_dir):
     vm = model.backbone.vision_model
     lr = lambda p: by_param[id(p)]["lr"]
     wd = lambda p: by_param[id(p)]["weight_decay"]
-    assert lr(model.state_head[0].weight) == 1e-3 and lr(model.fusion.query) == 1e-3
+    assert lr(model.heads["state"].net[0].weight) == 1e-3 and lr(model.fusion.query) == 1e-3
     assert lr(vm.post_layernorm.weight) == pytest.approx(1e-5)
     assert lr(blocks[-1].mlp.fc1.weight) == pytest.approx(1e-5 * 0.5)
     assert lr(blocks[0].mlp.fc1.weight) == pytest.approx(1e-5 * 0.25)
     assert lr(vm.embeddings.patch_embedding.weight) == pytest.approx(1e-5 * 0.125)
-    assert wd(blocks[0].mlp.fc1.weight) == 0.05 and wd(model.state_head[0].weight) == 0.05
+    assert wd(blocks[0].mlp.fc1.weight) == 0.05 and wd(model.heads["state"].net[0].weight) == 0.05
     assert wd(blocks[0].mlp.fc1.bias) == 0 and wd(blocks[0].layer_norm1.weight) == 0
-    assert wd(model.state_head[0].bias) == 0 and wd(model.norm.weight) == 0
+    assert wd(model.heads["state"].net[0].bias) == 0 and wd(model.norm.weight) == 0
 
 
 def test_param_groups_only_trainable(tiny_clip_dir):
@@ -332,7 +338,7 @@ def test_gradient_checkpointing_keeps_gradients(tiny_clip_dir):
     for m in (plain, ckpt):
         m.train()
         out = m(pixels, mask)
-        (out.logits.sum() + out.gps.sum()).backward()
+        (out["state"].sum() + out["gps"].sum()).backward()
     g1 = backbone_blocks(plain)[0].mlp.fc1.weight.grad
     g2 = backbone_blocks(ckpt)[0].mlp.fc1.weight.grad
     torch.testing.assert_close(g1, g2)
@@ -353,7 +359,7 @@ def test_gradient_checkpointing_with_the_last_block_unfrozen_gives_it_the_plain_
         set_backbone_trainable(m, 1)
         m.train()
         out = m(pixels, mask)
-        (out.logits.sum() + out.gps.sum()).backward()
+        (out["state"].sum() + out["gps"].sum()).backward()
     g1 = backbone_blocks(plain)[-1].mlp.fc1.weight.grad
     g2 = backbone_blocks(ckpt)[-1].mlp.fc1.weight.grad
     assert g2 is not None
@@ -365,16 +371,16 @@ def test_gradient_flows_to_heads_when_backbone_frozen(tiny_clip_dir):
     set_backbone_trainable(model, None)
     pixels, mask = _inputs()
     out = model(pixels, mask)
-    out.logits.logsumexp(1).sum().backward()
-    assert model.state_head[0].weight.grad is not None
+    out["state"].logsumexp(1).sum().backward()
+    assert model.heads["state"].net[0].weight.grad is not None
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
 def test_geomodel_from_random_backbone(tiny_config):
     backbone, dim = backbone_from_config(tiny_config["vision_config"] | {"projection_dim": 16}, "cls")
-    model = GeoModel(backbone, dim, C, ModelConfig(head_hidden=8)).eval()
+    model = GeoModel(backbone, dim, ModelConfig(head_hidden=8), HeadSizes(C)).eval()
     pixels, mask = _inputs()
-    assert model(pixels, mask).logits.shape == (B, C)
+    assert model(pixels, mask)["state"].shape == (B, C)
 
 
 def test_compile_option_compiles_backbone_in_place(tiny_clip_dir):
@@ -383,13 +389,28 @@ def test_compile_option_compiles_backbone_in_place(tiny_clip_dir):
     assert all(k.startswith("backbone.model.") for k in model.state_dict() if k.startswith("backbone"))
 
 
-def test_model_output_converts_like_a_tuple():
+def test_model_outputs_convert_like_a_dict():
     from accelerate.utils import convert_to_fp32
 
-    out = ModelOutput(*(torch.zeros(2, n, dtype=torch.bfloat16) for n in (C, 2, 8)))
+    out = {"state": torch.zeros(2, C, dtype=torch.bfloat16), "gps": torch.zeros(2, 2, dtype=torch.bfloat16)}
     converted = convert_to_fp32(out)  # what accelerate applies to forward outputs under bf16
-    assert isinstance(converted, ModelOutput)
-    assert all(t.dtype == torch.float32 for t in converted)
+    assert converted.keys() == out.keys() and all(t.dtype == torch.float32 for t in converted.values())
+
+
+def test_the_registries_implement_the_config_choices():
+    assert set(HEAD_CLASSES) == set(HEADS) and set(FUSION_CLASSES) == set(FUSIONS)
+
+
+def test_heads_by_name_and_their_outputs(tiny_clip_dir):
+    model = build_model(_cfg(tiny_clip_dir, heads=["cell", "gps", "state"]), C, num_cells=7).eval()
+    pixels, mask = _inputs()
+    with torch.no_grad():
+        out = model(pixels, mask)
+    assert list(model.heads) == ["cell", "gps", "state"]
+    assert out["cell"].shape == (B, 7) and out["state"].shape == (B, C) and out["gps"].shape == (B, 2)
+    assert all(k.startswith(("backbone.", "fusion.", "norm.", "heads.")) for k in model.state_dict())
+    with pytest.raises(ValueError, match="no geocells"):
+        build_model(_cfg(tiny_clip_dir, heads=["cell"]), C)
 
 
 def test_loading_a_full_clip_dir_does_not_print_the_text_tower_report(tiny_clip_dir, capsys, caplog):
@@ -407,8 +428,8 @@ def _spread_gps_head(model):
     """Trained-like GPS head: predictions spread over the box instead of sitting at its centre."""
     torch.manual_seed(1)
     with torch.no_grad():
-        model.gps_head[-1].weight.normal_(std=0.5)
-        model.state_head[-1].weight.normal_(std=0.5)
+        model.heads["gps"].net[-1].weight.normal_(std=0.5)
+        model.heads["state"].net[-1].weight.normal_(std=0.5)
     return model
 
 
@@ -426,8 +447,8 @@ def _last_layer_inputs(model, emb, mask):
 
         return hook
 
-    hooks = [model.gps_head[-1].register_forward_hook(keep("gps"))]
-    hooks.append(model.state_head[-1].register_forward_hook(keep("state")))
+    hooks = [model.heads["gps"].net[-1].register_forward_hook(keep("gps"))]
+    hooks.append(model.heads["state"].net[-1].register_forward_hook(keep("state")))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.forward_head(emb, mask)
     for h in hooks:
@@ -440,14 +461,14 @@ def test_heads_output_fp32_under_bf16_autocast(tiny_clip_dir):
     model = _spread_gps_head(build_model(_cfg(tiny_clip_dir), C).eval())
     emb, mask = torch.randn(64, V, model.embed_dim), torch.ones(64, V, dtype=torch.bool)
     out, seen = _last_layer_inputs(model, emb, mask)
-    assert out.gps.dtype == torch.float32 and out.logits.dtype == torch.float32
+    assert out["gps"].dtype == torch.float32 and out["state"].dtype == torch.float32
     # fp64 reference of the last stage from the (bf16-autocast) hidden activations the head really saw
     with torch.no_grad():
-        want_gps = bound_latlon(_linear64(model.gps_head[-1], seen["gps"]))
-        want_logits = _linear64(model.state_head[-1], seen["state"])
+        want_gps = bound_latlon(_linear64(model.heads["gps"].net[-1], seen["gps"]))
+        want_logits = _linear64(model.heads["state"].net[-1], seen["state"])
     assert want_gps[:, 1].max() - want_gps[:, 1].min() > 20  # really spread: bf16 steps there are 0.5 deg
-    torch.testing.assert_close(out.gps.double(), want_gps, rtol=0, atol=1e-4)
-    torch.testing.assert_close(out.logits.double(), want_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["gps"].double(), want_gps, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["state"].double(), want_logits, rtol=0, atol=1e-5)
 
 
 def test_gps_under_bf16_autocast_follows_the_fp32_forward(tiny_clip_dir):
@@ -455,9 +476,9 @@ def test_gps_under_bf16_autocast_follows_the_fp32_forward(tiny_clip_dir):
     model = build_model(_cfg(tiny_clip_dir), C).eval()  # fresh head: predictions near the box centre
     emb, mask = torch.randn(64, V, model.embed_dim), torch.ones(64, V, dtype=torch.bool)
     with torch.no_grad():
-        want = model.forward_head(emb, mask).gps
+        want = model.forward_head(emb, mask)["gps"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = model.forward_head(emb, mask).gps
+            got = model.forward_head(emb, mask)["gps"]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
 
@@ -469,10 +490,10 @@ def test_heads_output_fp32_from_a_bf16_model(tiny_clip_dir):
     with torch.no_grad():
         want = model.bfloat16().float().forward_head(emb, mask)  # bf16-rounded weights, fp32 throughout
         got = model.bfloat16().forward_head(emb.bfloat16(), mask)
-    assert got.gps.dtype == torch.float32 and got.logits.dtype == torch.float32
-    off_grid = got.gps != got.gps.bfloat16().float()  # bf16 lat/lon would all sit on the bf16 grid
+    assert got["gps"].dtype == torch.float32 and got["state"].dtype == torch.float32
+    off_grid = got["gps"] != got["gps"].bfloat16().float()  # bf16 lat/lon would all sit on the bf16 grid
     assert off_grid.float().mean() > 0.9
-    torch.testing.assert_close(got.gps, want.gps, rtol=0, atol=0.5)  # bf16 hidden layers: ~0.15 deg
+    torch.testing.assert_close(got["gps"], want["gps"], rtol=0, atol=0.5)  # bf16 hidden layers: ~0.15 deg
 
 
 @pytest.mark.parametrize("last_n", [0, 1])
@@ -483,7 +504,7 @@ def test_every_trainable_backbone_parameter_gets_a_gradient(tiny_clip_dir, pooli
     set_backbone_trainable(model, last_n)
     pixels, mask = _inputs()
     out = model(pixels, mask)
-    (out.logits.sum() + out.gps.sum()).backward()
+    (out["state"].sum() + out["gps"].sum()).backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("backbone.") for n in trainable)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

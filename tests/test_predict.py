@@ -1,7 +1,5 @@
 """geoloc.predict: predictions per sample on one rank, the gather + de-duplication, and evaluate()."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -22,7 +20,8 @@ NUM_CLASSES = 6
 
 
 class FakeModel(torch.nn.Module):
-    """Mean colour of the readable views -> logits and GPS; per-sample, so batching cannot matter."""
+    """Mean colour of the readable views -> decoded state probabilities and GPS (what an ensemble or a
+    model + decoder returns); per-sample, so batching cannot matter."""
 
     def __init__(self):
         super().__init__()
@@ -34,7 +33,7 @@ class FakeModel(torch.nn.Module):
         assert view_mask.any(dim=1).all(), "predict must never hand the model a sample without views"
         m = view_mask[..., None].float()  # (B, V, 1)
         feat = (pixels.mean(dim=(-1, -2)) * m).sum(1) / m.sum(1)  # (B, 3)
-        return SimpleNamespace(logits=self.cls(feat) * 5, gps=self.gps_head(feat))
+        return {"state_probs": torch.softmax(self.cls(feat) * 5, -1), "gps": self.gps_head(feat)}
 
 
 def to_pixels(images):
@@ -89,10 +88,8 @@ def test_predict_matches_per_sample_forward_and_sorts_ids(accelerator):
         for i, sid in enumerate(batch["sample_id"]):
             with torch.no_grad():
                 out = model(to_pixels(batch["images"][i : i + 1]), batch["view_mask"][i : i + 1])
-            np.testing.assert_allclose(
-                preds.probs[row[sid]], torch.softmax(out.logits, -1)[0].numpy(), atol=1e-5
-            )
-            np.testing.assert_allclose(preds.gps[row[sid]], out.gps[0].numpy(), atol=1e-5)
+            np.testing.assert_allclose(preds.probs[row[sid]], out["state_probs"][0].numpy(), atol=1e-5)
+            np.testing.assert_allclose(preds.gps[row[sid]], out["gps"][0].numpy(), atol=1e-5)
             assert preds.label[row[sid]] == batch["label"][i]
             assert preds.n_views[row[sid]] == batch["view_mask"][i].sum()
             np.testing.assert_allclose(preds.latlon[row[sid]], batch["latlon"][i].numpy())
@@ -134,11 +131,13 @@ def _preds(ids, seed=0, c=3):
     p = rng.random((len(ids), c)).astype(np.float32)
     return Predictions(
         sample_id=np.asarray(ids, dtype=object),
-        probs=p / p.sum(1, keepdims=True),
-        gps=rng.random((len(ids), 2)).astype(np.float32),
         label=rng.integers(0, c, len(ids)),
         latlon=rng.random((len(ids), 2)).astype(np.float32),
         n_views=np.full(len(ids), 4),
+        values={
+            "state_probs": p / p.sum(1, keepdims=True),
+            "gps": rng.random((len(ids), 2)).astype(np.float32),
+        },
     )
 
 
@@ -159,9 +158,9 @@ def test_dedupe_rejects_two_different_predictions_for_one_id():
 
 def test_concat_skips_an_empty_rank_and_checks_class_counts():
     a = _preds(["a", "b"])
-    out = concat_predictions([empty_predictions(0), a])
+    out = concat_predictions([empty_predictions(), a])
     assert len(out) == 2 and out.probs.shape == (2, 3)
-    with pytest.raises(ValueError, match="number of classes"):
+    with pytest.raises(ValueError, match="disagree on their values or their widths"):
         concat_predictions([a, _preds(["c"], c=4)])
 
 

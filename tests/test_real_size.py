@@ -111,7 +111,10 @@ def test_export_reloads_with_the_336px_path_and_reproduces_the_val_score(pipelin
         resolve_shards(str(pipeline["shards"]), "val"), batch_size=4, encoder=loaded.encoder, num_workers=0
     )
     try:
-        preds = predict(loaded.model, loader, pre, Accelerator(cpu=True), progress=False, batch_size=4)
+        decoder = loaded.decoder(loaded.cfg.decode)  # the run's decoding, which validation used
+        preds = predict(
+            loaded.model, loader, pre, Accelerator(cpu=True), progress=False, batch_size=4, decoder=decoder
+        )
     finally:
         AcceleratorState._reset_state(True)
     exported = json.loads((pipeline["run"] / "model" / "geoloc.json").read_text())["extra"]

@@ -42,11 +42,10 @@ def make_preds(ids):
     gps = np.stack([30.0 + np.arange(n), -110.0 + np.arange(n)], axis=1).astype(np.float32)
     return Predictions(
         sample_id=np.asarray(ids, dtype=object),
-        probs=probs,
-        gps=gps,
         label=np.full(n, -1),
         latlon=np.full((n, 2), np.nan, np.float32),
         n_views=np.full(n, 4),
+        values={"state_probs": probs, "gps": gps},
     )
 
 
@@ -83,7 +82,7 @@ def test_sample_without_views_gets_the_prior_and_is_reported(caplog):
 def test_fewer_than_five_classes_pad_with_minus_one_and_stay_valid():
     enc = LabelEncoder((9, 30), ("A", "B"))
     preds = make_preds(IDS)
-    preds.probs = np.tile(np.array([[0.3, 0.7]], np.float32), (len(IDS), 1))
+    preds.values["state_probs"] = np.tile(np.array([[0.3, 0.7]], np.float32), (len(IDS), 1))
     sub = build_submission(make_template(), preds, enc, PRIOR)
     assert sub[list(PRED_STATE_COLUMNS)].iloc[0].tolist() == [30, 9, -1, -1, -1]
     assert validate_submission(sub, make_template()) == []

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from geoloc import contract
+from geoloc.geography import contains, sample_points
 from geoloc.synth import (
     ANSWERS_CSV,
     CORRUPTIONS,
@@ -19,6 +20,7 @@ from geoloc.synth import (
     state_palettes,
     view_path,
 )
+from geoloc.synth_realistic import field_values, render_place, world_waves
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +168,104 @@ def test_cli_writes_a_data_root(tmp_path, capsys):
     assert len(contract.read_train_table(tmp_path / "d")) == 5
     assert Image.open(tmp_path / "d" / contract.TEST_IMAGES / "img_000005_west.jpg").size == (64, 64)
     assert "5 train + 2 test" in capsys.readouterr().out
+
+
+# --- realistic mode -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real")
+    return generate_dataset(out, n_train=150, n_test=40, seed=5, image_size=64, mode="realistic")
+
+
+def _tables(root):
+    return contract.read_train_table(root), pd.read_csv(root / ANSWERS_CSV, dtype={"sample_id": str})
+
+
+def test_realistic_points_lie_inside_their_state_outline(real_root):
+    for df in _tables(real_root):
+        for s, rows in df.groupby("state_idx"):
+            assert contains(STATES[s][0], rows["latitude"], rows["longitude"]).all(), STATES[s][0]
+        assert (df["longitude"] <= 0).all()
+
+
+def test_realistic_has_many_states_with_gaps_and_imbalance(real_root):
+    train, answers = _tables(real_root)
+    occurring = sorted(set(train["state_idx"]) | set(answers["state_idx"]))
+    assert len(occurring) >= 33
+    assert len(occurring) < 50 and occurring != list(range(occurring[0], occurring[0] + len(occurring)))
+    counts = pd.concat([train, answers])["state_idx"].value_counts()
+    assert counts.max() >= 5 * counts.min()
+    mapping = contract.read_state_mapping(real_root)
+    assert all(mapping[i] == name for i, name in zip(train["state_idx"], train["state"]))
+
+
+def test_realistic_is_deterministic_for_a_seed(tmp_path):
+    kw = {"n_train": 6, "n_test": 2, "image_size": 48, "mode": "realistic"}
+    a, b = generate_dataset(tmp_path / "a", seed=1, **kw), generate_dataset(tmp_path / "b", seed=1, **kw)
+    c = generate_dataset(tmp_path / "c", seed=2, **kw)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert (a / contract.TRAIN_CSV).read_bytes() != (c / contract.TRAIN_CSV).read_bytes()
+
+
+def test_realistic_data_root_is_accepted_by_the_sharder(real_root, tmp_path):
+    from geoloc.sharding import shard_dataset
+
+    manifest = shard_dataset(
+        real_root, tmp_path / "shards", val_fraction=0.2, samples_per_shard=50, progress=False
+    )
+    assert manifest["skipped"] == [] and manifest["missing_views"] == []
+    counts = {split: info["count"] for split, info in manifest["splits"].items()}
+    assert counts["train"] + counts["val"] == 150 and counts["test"] == 40
+    assert len(manifest["label_encoder"]["state_indices"]) >= 30
+
+
+def test_realistic_views_are_smooth_in_space():
+    """Image statistics of places 25 km apart are much closer than of places 1500+ km apart."""
+    rng = np.random.default_rng(0)
+    waves = world_waves()
+    palette = state_palettes()[0, 0].astype(np.float32)
+    near, far = [], []
+    for name in ("Colorado", "Texas", "Ohio", "Georgia", "Montana", "Oregon", "Iowa", "Maine"):
+        p = sample_points(name, 1, rng)[0]
+        q = p + [0.2, 0.1]  # ~25 km away
+        r = np.array([p[0], p[1] + (25 if p[1] < -95 else -25)])  # 25 degrees of longitude away
+        stats = [
+            _image_stats(render_place(x, palette, 64, np.random.default_rng(1), waves)) for x in (p, q, r)
+        ]
+        near.append(np.abs(stats[0] - stats[1]).mean())
+        far.append(np.abs(stats[0] - stats[2]).mean())
+    assert np.mean(near) < 0.5 * np.mean(far)
+
+
+def _image_stats(views):
+    """Mean colour of the top and bottom halves of each view: (4 * 2 * 3,)."""
+    return np.concatenate([[v[:32].mean((0, 1)), v[32:].mean((0, 1))] for v in views]).ravel()
+
+
+def test_realistic_fields_vary_inside_a_state_but_slowly():
+    pts = sample_points("Texas", 300, np.random.default_rng(2))
+    vals = field_values(pts)  # (300, F)
+    assert vals.std(0).min() > 0.15  # a big state's interior varies
+    shifted = field_values(pts + [0.01, 0.01])  # ~1.5 km
+    assert np.abs(vals - shifted).max() < 0.05  # continuous
+
+
+def test_unknown_mode_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown mode 'hard'"):
+        generate_dataset(tmp_path, n_train=1, n_test=0, mode="hard")
+
+
+def test_cli_realistic_mode(tmp_path, capsys):
+    main(
+        [str(tmp_path / "d"), "--n-train", "3", "--n-test", "1", "--image-size", "48", "--mode", "realistic"]
+    )
+    assert "realistic" in capsys.readouterr().out
+    train = contract.read_train_table(tmp_path / "d")
+    assert all(
+        contains(STATES[s][0], [la], [lo])[0]
+        for s, la, lo in zip(train["state_idx"], train["latitude"], train["longitude"])
+    )

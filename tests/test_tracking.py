@@ -48,7 +48,7 @@ def test_read_series_keeps_the_resumed_value_and_names_bad_lines(tmp_path):
 
 
 def test_metric_families():
-    assert family("train/loss_cls") == family("val/loss") == "losses"
+    assert family("train/loss_state") == family("val/loss") == "losses"
     assert family("lr/backbone") == family("train/lr_head") == "learning rate"
     assert family("val/km_median") == "distance (km)"
     assert family("val/score") == family("val/acc_top5") == "val score and parts"

@@ -8,6 +8,7 @@ The DDP and ZeRO-2 runs validate on ONE val shard (rank 1 has nothing to evaluat
 at the first phase-2 validation while the DDP wrapper broadcast its buffers at every forward.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -77,7 +78,7 @@ def _check_two_rank_run(run_dir, distributed_type: str) -> dict:
     loaded = load_model_dir(run_dir / "model")  # strict load: full (gathered) shapes, plain fp32 tensors
     x = torch.zeros(2, 4, 3, *(loaded.preprocess["image_size"],) * 2)
     out = loaded.model(x, torch.ones(2, 4, dtype=torch.bool))
-    assert torch.isfinite(out.logits).all() and torch.isfinite(out.gps).all()
+    assert torch.isfinite(out["state"]).all() and torch.isfinite(out["gps"]).all()
     return {step: r["val/score"] for step, r in val.items()}
 
 
@@ -89,6 +90,7 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     """The embeddings the two ranks computed, gathered by sample id, equal a one-process forward."""
     from geoloc.config import load_config
     from geoloc.data import make_eval_loader, read_manifest, resolve_shards
+    from geoloc.heads import HeadSizes
     from geoloc.labels import LabelEncoder
     from geoloc.model import build_model
     from geoloc.preprocess import Preprocessor
@@ -99,7 +101,7 @@ def test_ddp_cache_holds_every_sample_once_with_its_own_embedding(ddp_run, tiny_
     assert table.sample_id == sorted(set(table.sample_id)) and len(table) == 36
     assert len(load_table(train_pt.with_name("val.pt"))) == 12
     cfg = load_config(None, [f"model.backbone={tiny_clip_dir}"])
-    model = build_model(cfg.model, num_classes=3).eval()
+    model = build_model(cfg.model, HeadSizes(num_classes=3)).eval()
     pre = Preprocessor.from_backbone(str(tiny_clip_dir))
     encoder = LabelEncoder.from_dict(read_manifest(str(tiny_shards))["label_encoder"])
     loader = make_eval_loader(
@@ -265,3 +267,35 @@ def test_ranks_stop_when_their_launcher_is_killed(layouts, tiny_clip_dir, tmp_pa
             time.sleep(0.5)
     assert not any(_alive(r) for r in ranks), log.read_text()[-2000:]
     assert "the launcher (pid" in log.read_text()
+
+
+# ----------------------------------------------------------------------------- cells and retrieval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "zero2", "zero3"])
+def test_cells_and_retrieval_train_and_infer_on_two_ranks(kind, layouts, tiny_clip_dir, tmp_path):
+    """A model with state, cell and GPS heads (geocells of 2-3 training points) trains both phases on 2
+    ranks, indexes its training embeddings, and infer.py --eval on 2 ranks decodes it with the cells and
+    with the nearest neighbours, every val sample once."""
+    from _train_helpers import launch
+
+    run = tmp_path / "run"
+    cells = ("model.heads=[state,cell,gps]", "model.cell_min_size=2", "model.cell_max_size=3")
+    extra = (*ZERO, *cells) if kind.startswith("zero") else cells
+    check(
+        run_train(
+            train_args(layouts["odd"], tiny_clip_dir, run, tmp_path / "cache", *SHORT, *extra), kind=kind
+        )
+    )
+    meta = export_meta(run)
+    assert meta["heads"] == ["state", "cell", "gps"] and meta["num_cells"] > 3 and meta["index_sha256"]
+    assert {r["decoder"]["gps"] for r in meta["decoders_val"]} == {"regression", "cell", "bayes", "knn"}
+    prefix, env = launcher("ddp", 2)
+    for flags in ([], ["--decode-state", "cells", "--decode-gps", "knn", "--knn-alpha", "0.5"]):
+        out = tmp_path / f"report{len(flags)}"
+        cmd = prefix + ["infer.py", "--eval", "--model", str(run / "model"), "--shards", str(layouts["odd"]),
+                        "--out-dir", str(out), "--batch-size", "3", "--no-progress", *flags]  # fmt: skip
+        check(launch(cmd, f"infer.py --eval {flags} on a {kind} model", 300, env))
+        report = json.loads((out / "report.json").read_text())
+        assert report["n"] == 12 and report["context"]["processes"] == 2

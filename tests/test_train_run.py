@@ -69,7 +69,13 @@ def test_export_reloads_on_cpu_and_reproduces_the_best_val_score(full_run, tiny_
     loaded = load_model_dir(run_dir / "model")
     loader = make_eval_loader(resolve_shards(str(tiny_shards), "val"), batch_size=5, encoder=loaded.encoder)
     try:
-        preds = predict(loaded.model, loader, Preprocessor(**loaded.preprocess), Accelerator(cpu=True))
+        preds = predict(
+            loaded.model,
+            loader,
+            Preprocessor(**loaded.preprocess),
+            Accelerator(cpu=True),
+            decoder=loaded.decoder(loaded.cfg.decode),  # the run's decoding, which validation used
+        )
     finally:
         AcceleratorState._reset_state(True)
     metrics = evaluate(preds, loaded.encoder, Prior.from_dict(loaded.prior))

@@ -132,7 +132,7 @@ def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monke
         model.train()
         torch.manual_seed(0)  # same dropout masks in the heads
         out = forward(ctx, model, inputs) if forward is cached_forward else forward(ctx, True, model, inputs)
-        loss, _ = compute_loss(ctx, out, inputs)
+        loss = compute_loss(ctx, out, inputs)["loss"]
         loss.backward()
         results.append((loss.detach(), _head_grads(model)))
     (loss_c, grads_c), (loss_d, grads_d) = results
@@ -160,9 +160,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(mak
     real, calls = loop.compute_loss, []
 
     def poisoned(ctx, out, batch):  # the 3rd batch's loss becomes NaN
-        loss, parts = real(ctx, out, batch)
+        terms = real(ctx, out, batch)
         calls.append(1)
-        return (loss * float("nan"), parts * float("nan")) if len(calls) == 3 else (loss, parts)
+        return {k: v * float("nan") for k, v in terms.items()} if len(calls) == 3 else terms
 
     monkeypatch.setattr(loop, "compute_loss", poisoned)
     ctx = make_ctx("train.save_every_steps=1")
@@ -248,7 +248,7 @@ def test_deepspeed_json_with_its_own_scheduler_or_optimizer_is_refused(key):
 def test_fp32_deepspeed_on_gpu_is_warned_with_the_launch_flag():
     from accelerate.utils import DistributedType as DT
 
-    from geoloc.train.context import precision_warning
+    from geoloc.train.engine import precision_warning
 
     message = precision_warning(str(DT.DEEPSPEED), "cuda", "no")
     assert message and "--mixed_precision bf16" in message
@@ -262,7 +262,7 @@ def test_clip_grad_differing_from_the_deepspeed_json_is_warned():
 
     from accelerate.utils import DistributedType as DT
 
-    from geoloc.train.context import clip_warning, launch_warnings
+    from geoloc.train.engine import clip_warning, launch_warnings
 
     assert clip_warning(1.0, 1.0) is None and clip_warning(1.0, "auto") is None  # accelerate fills 1.0
     message = clip_warning(0.5, 1.0)
@@ -319,8 +319,7 @@ def test_short_last_window_updates_with_the_mean_gradient_of_its_batches(monkeyp
             return super().step(closure)
 
     def loss_of(out, batch):
-        loss = out.pow(2).mean()
-        return loss, torch.stack([loss, loss, loss]).detach()
+        return {"loss": out.pow(2).mean()}
 
     monkeypatch.setattr(loop, "compute_loss", lambda ctx, out, batch: loss_of(out, batch))
     torch.manual_seed(0)
@@ -354,12 +353,13 @@ def test_ranks_build_the_same_model_then_draw_their_own_crops_and_dropout(tiny_c
 
     from accelerate.utils import set_seed
 
+    from geoloc.heads import HeadSizes
     from geoloc.preprocess import Preprocessor
     from geoloc.train.context import PHASE_NAMES
     from geoloc.train.engine import build_geo_model, training_seed
 
     ctx = NS(cfg=load_config(None, [f"model.backbone={tiny_clip_dir}"]), zero_stage=0,
-             labels=NS(encoder=NS(num_classes=3)))  # fmt: skip
+             labels=NS(sizes=HeadSizes(3)))  # fmt: skip
     augment = Preprocessor(image_size=28, augment=True, min_scale=0.3).train()
     images = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
 

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from geoloc.config import DIST_TIMEOUT_S, InferConfig
+from geoloc.config import DIST_TIMEOUT_S, GPS_DECODERS, STATE_DECODERS, InferConfig
 from geoloc.errors import GeolocError
 
 
@@ -111,6 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
         "keeping 0.9 and 0.8 of each side) or your own crop fractions like '1.0,0.85'; outputs are averaged. "
         "No horizontal flip: a mirror swaps the driving side",
     )
+    p.add_argument(
+        "--decode-state",
+        choices=STATE_DECODERS,
+        help="state probabilities from the state head ('head') or summed over the geocells ('cells'); "
+        "default: what the model recorded as best on val",
+    )
+    p.add_argument(
+        "--decode-gps",
+        choices=GPS_DECODERS,
+        help="the point: 'regression' (GPS head), 'cell' (most likely cell's centroid), 'bayes' (least "
+        "expected distance over the top cells), 'knn' (nearest training samples; needs the model's index); "
+        "default: what the model recorded as best on val",
+    )
+    p.add_argument(
+        "--knn-alpha",
+        type=float,
+        metavar="A",
+        help="blend the nearest training samples' state vote into the state probabilities with weight A "
+        "in [0, 1] (needs the model's retrieval index); default: the model's",
+    )
+    p.add_argument("--knn-k", type=int, metavar="K", help="neighbours for --decode-gps knn / --knn-alpha")
     p.add_argument(
         "--calibrate",
         action="store_true",

@@ -1,22 +1,16 @@
-"""Several exported models as one module: weighted average of probabilities and of GPS points.
+"""Several exported models as one module: weighted average of their decoded state probabilities and points.
 
-Each member keeps its own preprocessing (input size, mean/std) and temperature, so the ensemble takes
-the loader's uint8 views and ``geoloc.predict.predict`` runs it with an identity preprocessor: the data
-are decoded once for all members. With one member the output is that member's own logits (divided by
-its temperature), so a single-model run reports exactly what the trainer reports.
+Each member keeps its own preprocessing (input size, mean/std), decoder (its heads, cells, retrieval
+index, see :mod:`geoloc.decoders`) and temperature, so the ensemble takes the loader's uint8 views and
+``geoloc.predict.predict`` runs it with an identity preprocessor: the data are decoded once for all
+members. With one member at temperature 1 the output is exactly that member's decoded output, so a
+single-model run reports what the trainer reports.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
-
-
-class EnsembleOutput(NamedTuple):
-    logits: torch.Tensor  # (B, C): log of the averaged probabilities (softmax gives them back)
-    gps: torch.Tensor  # (B, 2) weighted mean lat/lon in degrees
 
 
 def normalise_weights(weights, n: int) -> list[float]:
@@ -42,31 +36,46 @@ def check_same_labels(encoders: list, names: list[str]) -> None:
             )
 
 
-class Ensemble(nn.Module):
-    """``forward(images uint8 (B, V, 3, H, W), view_mask (B, V)) -> EnsembleOutput``."""
+def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log p / T)``: calibrated probabilities (the ranking is kept); (B, C) -> (B, C)."""
+    if temperature == 1.0:
+        return probs
+    return torch.softmax(torch.log(probs.double().clamp_min(1e-300)) / temperature, dim=-1).to(probs.dtype)
 
-    def __init__(self, models, preprocessors, weights=None, temperatures=None):
+
+class Ensemble(nn.Module):
+    """``forward(images uint8 (B, V, 3, H, W), view_mask (B, V)) -> {"state_probs": (B, C), "gps": (B, 2)}``."""
+
+    def __init__(self, models, preprocessors, decoders, weights=None, temperatures=None):
         super().__init__()
-        if not models or len(models) != len(preprocessors):
-            raise ValueError(f"need one preprocessor per model, got {len(models)} and {len(preprocessors)}")
+        if not models or not len(models) == len(preprocessors) == len(decoders):
+            raise ValueError(f"need one preprocessor and decoder per model, got {len(models)}, "
+                             f"{len(preprocessors)}, {len(decoders)}")  # fmt: skip
         self.members = nn.ModuleList(models)
         self.preprocessors = nn.ModuleList(preprocessors)
+        self.decoders = list(decoders)
         self.weights = normalise_weights(weights, len(models))
         self.temperatures = [float(t) for t in (temperatures or [1.0] * len(models))]
         if len(self.temperatures) != len(models) or min(self.temperatures) <= 0:
             raise ValueError(f"temperatures {self.temperatures}: one positive value per model")
 
-    def forward(self, images: torch.Tensor, view_mask: torch.Tensor) -> EnsembleOutput:
-        outs = [m(pre(images), view_mask) for m, pre in zip(self.members, self.preprocessors)]
-        if len(outs) == 1:  # exactly the member's logits: no log/exp round trip
-            return EnsembleOutput(outs[0].logits / self.temperatures[0], outs[0].gps)
-        # float64 sums: a model averaged with itself rounds back to exactly its own float32 outputs
-        probs = sum(w * torch.softmax(o.logits.double() / t, dim=-1) for w, t, o in self._zip(outs))  # (B, C)
-        gps = sum(w * o.gps.double() for w, _, o in self._zip(outs)).float()  # (B, 2)
-        return EnsembleOutput(torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny)), gps)
+    def member_outputs(self, images: torch.Tensor, view_mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Each member's decoded (and tempered) outputs."""
+        outs = []
+        for model, pre, decode, t in zip(self.members, self.preprocessors, self.decoders, self.temperatures):
+            out = decode(model(pre(images), view_mask))
+            outs.append(out | {"state_probs": temper(out["state_probs"], t)})
+        return outs
 
-    def _zip(self, outs):
-        return zip(self.weights, self.temperatures, outs)
+    def forward(self, images: torch.Tensor, view_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = self.member_outputs(images, view_mask)
+        if len(outs) == 1:  # exactly the member's output: no re-summing
+            return outs[0]
+        # float64 sums: a model averaged with itself rounds back to exactly its own float32 outputs
+        return {
+            key: sum(w * o[key].double() for w, o in zip(self.weights, outs)).float()
+            for key in ("state_probs", "gps")
+        }
 
 
 def identity(images: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 ``report.json`` holds every number of ``geoloc.predict.evaluate`` (the competition score, its parts and the
 extra metrics) at the top level, so it matches the trainer's val metrics key for key, plus the run's
-context. Pictures: the state confusion matrix, predicted vs true points on plain lat/lon axes with the
-state centroids labelled (no outline file can be had offline here), and the histogram of errors in km.
+context. Pictures: the state confusion matrix, predicted vs true points on lat/lon axes over the real state
+outlines (the Census boundary file shipped in ``plotly-geo``, via ``geoloc.geography``, simplified to
+``OUTLINE_TOLERANCE_DEG`` for speed) with the state centroids labelled, and the histogram of errors in km.
+The map shows the data's extent plus a margin, so Alaska and Hawaii appear only when the data go there.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,8 @@ from geoloc.predict import Predictions, evaluate, point_predictions
 
 REPORT_JSON = "report.json"
 PICTURES = {"confusion": "confusion.png", "map": "map.png", "errors": "errors_km.png"}
+OUTLINE_TOLERANCE_DEG = 0.05  # ~5 km: invisible at report size, 10x fewer vertices than the file
+MAP_MARGIN_DEG = 2.0
 
 
 def confusion_matrix(true_cls: np.ndarray, pred_cls: np.ndarray, num_classes: int) -> np.ndarray:
@@ -66,10 +71,41 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> Path:
     return path
 
 
+def state_outline_rings() -> list[np.ndarray]:
+    """Every state's outer rings ``(M, 2)`` lon/lat, simplified; empty (with a warning) without plotly-geo."""
+    try:
+        from geoloc.geography import all_outline_rings
+
+        return [ring for rings in all_outline_rings(OUTLINE_TOLERANCE_DEG).values() for ring in rings]
+    except (ImportError, OSError, ValueError) as err:
+        warnings.warn(f"report map drawn without state outlines: {err}", stacklevel=2)
+        return []
+
+
+def draw_outlines(ax, rings: list[np.ndarray]):
+    """Add the rings as one grey ``LineCollection`` behind everything, without touching the axes limits."""
+    from matplotlib.collections import LineCollection
+
+    lines = LineCollection(rings, colors="0.55", linewidths=0.5, zorder=0, label="_state outlines")
+    ax.add_collection(lines, autolim=False)  # the Aleutians at +179 deg must not stretch the view
+    return lines
+
+
+def map_extent(*point_sets: np.ndarray, margin: float = MAP_MARGIN_DEG) -> tuple[float, float, float, float]:
+    """(lon_min, lon_max, lat_min, lat_max) of all finite points ``(N, 2)`` lat/lon, plus ``margin`` degrees."""
+    pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in point_sets])
+    pts = pts[np.isfinite(pts).all(1)]
+    if not len(pts):
+        return (-125.0, -66.0, 24.0, 50.0)  # contiguous US
+    (lat0, lon0), (lat1, lon1) = pts.min(0), pts.max(0)
+    return (lon0 - margin, lon1 + margin, lat0 - margin, lat1 + margin)
+
+
 def plot_map(pred: np.ndarray, true: np.ndarray, centroids: np.ndarray, names: list[str], path: Path) -> Path:
-    """True (dots) and predicted (crosses) points joined by lines; state centroids labelled."""
+    """True (dots) and predicted (crosses) points joined by lines over the state outlines; centroids labelled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))
+    draw_outlines(ax, state_outline_rings())
     ax.plot([true[:, 1], pred[:, 1]], [true[:, 0], pred[:, 0]], color="0.75", lw=0.5, zorder=1)
     ax.scatter(true[:, 1], true[:, 0], s=8, c="tab:blue", label="true", zorder=2)
     ax.scatter(pred[:, 1], pred[:, 0], s=10, c="tab:red", marker="x", label="predicted", zorder=3)
@@ -78,6 +114,9 @@ def plot_map(pred: np.ndarray, true: np.ndarray, centroids: np.ndarray, names: l
     )
     for (lat, lon), name in zip(centroids, names):
         ax.annotate(name, (lon, lat), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    lon0, lon1, lat0, lat1 = map_extent(true, pred, centroids)
+    ax.set_xlim(lon0, lon1)
+    ax.set_ylim(lat0, lat1)
     ax.set_xlabel("longitude (deg)")
     ax.set_ylabel("latitude (deg)")
     ax.set_aspect(1 / np.cos(np.deg2rad(np.nanmean(true[:, 0]))))  # equal km per degree at the mean latitude

@@ -71,9 +71,33 @@ def prior_of(member: LoadedModel, path: Path) -> Prior:
         raise InferError(f"{path}: geoloc.json has no usable prior ({err!r}): {member.prior}") from None
 
 
-def build_ensemble(members, accelerator, weights=None, temperatures=None) -> Ensemble:
-    pres = [member_preprocessor(m, accelerator.device) for m in members]
-    return Ensemble([m.model for m in members], pres, weights, temperatures).eval()
+def decode_overrides(args) -> dict:
+    """The ``--decode-*`` / ``--knn-*`` flags given (each overrides the model's recorded default)."""
+    flags = {
+        "state": args.decode_state,
+        "gps": args.decode_gps,
+        "knn_alpha": args.knn_alpha,
+        "knn_k": args.knn_k,
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def member_decoder(member: LoadedModel, args, device):
+    """The member's decoder: its recorded default (the one that won on val), with the flags' overrides."""
+    from geoloc.config import ConfigError
+
+    try:
+        spec = member.decode_config(**decode_overrides(args))
+    except ConfigError as err:
+        raise InferError(str(err)) from None
+    return member.decoder(spec, device)  # a DecoderError (no cell head, no index) names the option
+
+
+def build_ensemble(members, accelerator, args, weights=None, temperatures=None) -> Ensemble:
+    device = accelerator.device
+    pres = [member_preprocessor(m, device) for m in members]
+    decoders = [member_decoder(m, args, device) for m in members]
+    return Ensemble([m.model for m in members], pres, decoders, weights, temperatures).eval()
 
 
 def shard_set(args) -> ShardSet:
@@ -127,7 +151,7 @@ def calibrate(args, members, accelerator) -> list[float]:
     """One temperature per member, fitted on the val split of ``--shards`` (every rank gets the same)."""
     temps, data = [], shard_set(args)
     for path, member in zip(args.model, members):
-        single = build_ensemble([member], accelerator)
+        single = build_ensemble([member], accelerator, args)
         check_labels(data, "val", member.encoder, labelled=True)
         loader = shard_loader(args, data, "val", accelerator, member.encoder)
         val = predict(
@@ -141,7 +165,7 @@ def calibrate(args, members, accelerator) -> list[float]:
 
 
 def run_models(args, members, loader, accelerator, temperatures=None) -> Predictions:
-    model = build_ensemble(members, accelerator, args.weights, temperatures)
+    model = build_ensemble(members, accelerator, args, args.weights, temperatures)
     # every forward padded to --batch-size: a sample's outputs then do not depend on the batch or rank it
     # fell in (CPU kernels round per shape), so any number of processes gives bit-identical results
     return predict(

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geoloc.contract import IMAGE_COLUMNS, MAX_STATE_IDX, PRED_STATE_COLUMNS, SUBMISSION_COLUMNS
+from geoloc.contract import IMAGE_COLUMNS, MAX_STATE_IDX, PRED_STATE_COLUMNS, SUBMISSION_COLUMNS, US_BOX
 from geoloc.errors import GeolocError
 from geoloc.predict import Predictions, point_predictions
 
 log = logging.getLogger(__name__)
 
-US_BOX = {"lat": (18.0, 72.0), "lon": (-180.0, -65.0)}  # contiguous US, Alaska and Hawaii
 MAX_LISTED = 10  # ids quoted per problem; the count is always given in full
 
 

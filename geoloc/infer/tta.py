@@ -6,24 +6,9 @@ US state, so a flip would feed the model views it never sees in the wild.
 
 from __future__ import annotations
 
-import torch
+from geoloc.preprocess import crop_views  # noqa: F401 - the TTA crop, re-exported
 
 DEFAULT_SCALES = (1.0, 0.9, 0.8)  # what ``--tta scales`` means: the full view and two centre crops
-
-
-def crop_views(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """Centre crop keeping ``scale`` of each side: ``(B, V, 3, H, W) -> (B, V, 3, h, w)``, same dtype.
-
-    ``scale == 1`` returns the input itself; the preprocessor then resizes any size to the backbone's.
-    """
-    if not 0.0 < scale <= 1.0:
-        raise ValueError(f"TTA scale {scale}: must be in (0, 1]")
-    if scale == 1.0:
-        return images
-    h, w = images.shape[-2:]
-    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return images[..., top : top + ch, left : left + cw]
 
 
 def parse_scales(text: str | None) -> tuple[float, ...]:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geoloc.distributed import eval_module
 from geoloc.errors import CheckpointError
 from geoloc.fileio import file_sha256
 
@@ -164,12 +165,6 @@ def _finished(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _unwrap(model):
-    from geoloc.distributed import eval_module
-
-    return eval_module(model)
-
-
 class CheckpointManager:
     """Saves to ``run_dir/checkpoints/<tag>``, keeps the newest ``keep``, finds and loads the latest.
 
@@ -228,7 +223,7 @@ class CheckpointManager:
         if self.deepspeed:  # a collective: each rank writes its partitions
             parts.model.save_checkpoint(str(folder), ENGINE_DIR, save_latest=False)
         elif acc.is_main_process:
-            weights = _unwrap(parts.model).state_dict()
+            weights = eval_module(parts.model).state_dict()
             save_file(
                 {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, folder / MODEL_FILE
             )
@@ -344,7 +339,7 @@ class CheckpointManager:
                 str(path), ENGINE_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
             )
         else:
-            _unwrap(parts.model).load_state_dict(load_file(path / MODEL_FILE))
+            eval_module(parts.model).load_state_dict(load_file(path / MODEL_FILE))
             parts.optimizer.load_state_dict(load_weights_only(path / OPTIMIZER_FILE))
         parts.scheduler.load_state_dict(meta["scheduler"])
         if (parts.ema is None) != (meta["ema"] is None):

@@ -1,4 +1,5 @@
-"""What a training run needs, built once: options, accelerator, shard lists, label tables, preprocessing.
+"""What a training run needs, built once: options, accelerator, shards, label tables (centroids, geocells),
+the loss criterion, preprocessing, tracker and checkpoints.
 
 :func:`prepare_context` is the only place that reads the shard manifest and the train labels; the phases
 receive a :class:`RunContext` and never look at argv or global state.
@@ -16,8 +17,7 @@ import torch
 from geoloc.config import Config, config_to_dict, save_config
 from geoloc.errors import RunInterrupted, TrainingError  # noqa: F401 - re-exported for the trainer
 from geoloc.labels import LabelEncoder
-
-PHASE_NAMES = ("frozen", "finetune")
+from geoloc.train.engine import PHASE_NAMES, input_dtype, is_deepspeed, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,19 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class LabelTables:
-    """Label encoder and what the losses and the export need from the TRAIN split."""
+    """Label encoder and what the losses, the decoders and the export need from the TRAIN split."""
 
     encoder: LabelEncoder
     centroids: torch.Tensor  # (C, 2) float32 mean lat/lon of each class's training points
     dist: torch.Tensor  # (C, C) float32 km between centroids
     prior: dict  # geoloc.metrics.Prior.to_dict(): most frequent states and mean point
+    cells: object = None  # geoloc.geocells.GeoCells (a "cell" head), else None
+
+    @property
+    def sizes(self):
+        from geoloc.heads import HeadSizes
+
+        return HeadSizes(self.encoder.num_classes, 0 if self.cells is None else self.cells.num_cells)
 
 
 @dataclass
@@ -67,6 +74,20 @@ class RunContext:
     preprocessor: torch.nn.Module  # uint8 views -> normalised float pixels, on the device
     tracker: object  # geoloc.train.tracking.MetricsLogger
     checkpoints: object  # geoloc.train.checkpoint.CheckpointManager
+    criterion: object  # geoloc.losses.Criterion: named loss terms of the model's heads
+
+    def decoder(self):
+        """The decoder validation uses: ``decode`` of the config, without the retrieval index (it is built
+        after training, geoloc.train.index; a knn choice falls back to ``auto`` until then)."""
+        from dataclasses import replace
+
+        from geoloc.decoders import Decoder
+
+        spec = self.cfg.decode
+        if spec.gps == "knn" or spec.knn_alpha > 0:
+            spec = replace(spec, gps="auto" if spec.gps == "knn" else spec.gps, knn_alpha=0.0)
+        cells = self.labels.cells
+        return Decoder(spec, self.cfg.model.heads, self.labels.encoder, cells, None, self.accelerator.device)
 
     def split(self, role: str) -> str:
         """The split name of a role (``train`` -> ``cfg.data.train_split``)."""
@@ -112,91 +133,12 @@ class RunContext:
         return torch.float32
 
 
-# ----------------------------------------------------------------------------- accelerator
-
-
-def make_accelerator(cfg: Config, opts: RunOptions):
-    """An Accelerator from the launch config (env); gloo on CPU, where the NCCL default cannot work."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration
-
-    from geoloc.distributed import maybe_trace_collectives, process_group_kwargs, start_parent_watchdog
-    from geoloc.train.tracking import log_with
-
-    start_parent_watchdog()  # a rank whose launcher was killed stops instead of running on orphaned
-    accelerator = Accelerator(  # gradient accumulation is set per phase (geoloc.train.engine.prepare)
-        log_with=log_with(opts.report_to),
-        project_config=ProjectConfiguration(
-            project_dir=str(opts.output_dir), automatic_checkpoint_naming=False
-        ),
-        kwargs_handlers=process_group_kwargs(cfg.train.dist_timeout_s),
-    )
-    maybe_trace_collectives(accelerator.process_index)
-    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
-        # e.g. `accelerate launch --multi_gpu` without GPUs: N processes that never talk to each other
-        raise TrainingError(
-            f"{accelerator.num_processes} processes were launched but accelerate set up no distributed "
-            "backend (no GPU?); on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..."
-        )
-    if accelerator.is_main_process:
-        for warning in launch_warnings(cfg, accelerator):
-            log.warning(warning)
-    return accelerator
-
-
-def launch_warnings(cfg: Config, accelerator) -> list[str]:
-    """Launch settings that run, but not as the config or the user most likely meant."""
-    warnings = [precision_warning(str(accelerator.distributed_type), accelerator.device.type,
-                                  accelerator.mixed_precision)]  # fmt: skip
-    if is_deepspeed(accelerator):
-        ds_clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping", 0.0)
-        warnings.append(clip_warning(cfg.train.clip_grad, ds_clip))
-    return [w for w in warnings if w is not None]
-
-
-def precision_warning(distributed_type: str, device_type: str, mixed_precision: str) -> str | None:
-    """A warning when DeepSpeed on GPU would train in fp32 (the shipped ZeRO configs need the flag)."""
-    if distributed_type.endswith("DEEPSPEED") and device_type == "cuda" and mixed_precision == "no":
-        return (
-            "DeepSpeed is training in fp32 (mixed_precision 'no'): about twice the memory and several times "
-            "slower than bf16. The ZeRO configs take their precision from the launcher: "
-            "accelerate launch --config_file accelerate_configs/4xa100_zero2.yaml --mixed_precision bf16 ..."
-        )
-    return None
-
-
-def clip_warning(clip_grad: float, ds_clipping) -> str | None:
-    """A warning when ``train.clip_grad`` differs from the DeepSpeed JSON's ``gradient_clipping``.
-
-    Under DeepSpeed the engine clips (``"auto"`` becomes accelerate's 1.0, absent means no clipping).
-    """
-    effective = 1.0 if ds_clipping == "auto" else float(ds_clipping or 0.0)
-    if effective == float(clip_grad):
-        return None
-    return (
-        f"train.clip_grad={clip_grad} is not used under DeepSpeed: the engine clips gradients to the JSON's "
-        f"gradient_clipping={effective} (0 = off); set the two alike to silence this"
-    )
-
-
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def input_dtype(accelerator) -> torch.dtype:
-    """The dtype model inputs must have: DeepSpeed bf16 runs the module itself in bf16 (no autocast)."""
-    if is_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
-        return torch.bfloat16
-    return torch.float32
-
-
 # ----------------------------------------------------------------------------- labels
 
 
-def label_tables(encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) -> LabelTables:
-    """Centroids and their distance matrix from the train labels; the prior baseline."""
+def label_tables(cfg: Config, encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) -> LabelTables:
+    """Centroids and their distance matrix from the train labels; the prior baseline; geocells when the
+    model has a cell head (built from the same points on every rank: deterministic for the seed)."""
     from geoloc.geo import distance_matrix, state_centroids
     from geoloc.metrics import Prior
 
@@ -206,7 +148,28 @@ def label_tables(encoder: LabelEncoder, states: np.ndarray, latlon: np.ndarray) 
     except ValueError as err:
         raise TrainingError(f"train split: {err} (every class of the label encoder needs a sample)") from None
     centroids = torch.as_tensor(centroids, dtype=torch.float32)
-    return LabelTables(encoder, centroids, distance_matrix(centroids), Prior.fit(states, latlon).to_dict())
+    cells = None
+    if "cell" in cfg.model.heads:
+        from geoloc.geocells import build_geocells
+
+        m = cfg.model
+        cells, _ = build_geocells(latlon, states, m.cell_min_size, m.cell_max_size, cfg.train.seed)
+    prior = Prior.fit(states, latlon).to_dict()
+    return LabelTables(encoder, centroids, distance_matrix(centroids), prior, cells)
+
+
+def make_criterion(cfg: Config, labels: LabelTables, device):
+    """The loss terms of the model's heads and what they need, on the training device."""
+    from geoloc.heads import Targets
+    from geoloc.losses import Criterion
+
+    cells = None if labels.cells is None else torch.as_tensor(labels.cells.centroid, dtype=torch.float32)
+    targets = Targets(
+        centroids=labels.centroids.to(device), dist=labels.dist.to(device),
+        cell_centroids=None if cells is None else cells.to(device), soft_labels=cfg.loss.soft_labels,
+        tau_km=cfg.loss.tau_km, gps_loss=cfg.loss.gps_loss,
+    )  # fmt: skip
+    return Criterion(cfg.model.heads, cfg.loss.weights, targets)
 
 
 # ----------------------------------------------------------------------------- data
@@ -263,7 +226,7 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
     manifest = data.manifest
     if "finetune" in opts.phases or not cfg.train.cache_embeddings:  # these stream train shards per rank
         check_train_shards(data, cfg.data.train_split, accelerator.num_processes)
-    labels = label_tables(data.encoder, *data.labels(cfg.data.train_split, accelerator))
+    labels = label_tables(cfg, data.encoder, *data.labels(cfg.data.train_split, accelerator))
     preprocess, preprocessor = device_preprocessor(cfg, accelerator.device, input_dtype(accelerator))
     tracker = MetricsLogger(run_dir, accelerator, opts.report_to, config=config_to_dict(cfg))
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
@@ -271,7 +234,8 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
         config_to_dict(cfg), manifest, splits, accelerator.num_processes, is_deepspeed(accelerator)
     )
     checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints, info)
+    criterion = make_criterion(cfg, labels, accelerator.device)
     return RunContext(
         cfg, opts, accelerator, run_dir, data, shards, counts, manifest, labels, preprocess, preprocessor,
-        tracker, checkpoints,
+        tracker, checkpoints, criterion,
     )  # fmt: skip

@@ -16,12 +16,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from accelerate.utils import extract_model_from_parallel
+
+from geoloc.distributed import eval_module
 
 
 def _tracked(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Trainable floating-point parameters of the unwrapped ``model``, by name."""
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    model = eval_module(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
     partitioned = [n for n, p in params.items() if hasattr(p, "ds_numel")]
     if partitioned:

@@ -8,13 +8,103 @@ under ZeRO-3 weights are loaded whole and gathered back for the export and the n
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from geoloc.train.context import PHASE_NAMES, RunContext, TrainingError
-from geoloc.train.loop import updates_per_epoch
+from geoloc.errors import TrainingError
+
+if TYPE_CHECKING:
+    from geoloc.config import Config
+    from geoloc.train.context import RunContext, RunOptions
+
+PHASE_NAMES = ("frozen", "finetune")
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+
+def make_accelerator(cfg: Config, opts: RunOptions):
+    """An Accelerator from the launch config (env); gloo on CPU, where the NCCL default cannot work."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration
+
+    from geoloc.distributed import maybe_trace_collectives, process_group_kwargs, start_parent_watchdog
+    from geoloc.train.tracking import log_with
+
+    start_parent_watchdog()  # a rank whose launcher was killed stops instead of running on orphaned
+    accelerator = Accelerator(  # gradient accumulation is set per phase (geoloc.train.engine.prepare)
+        log_with=log_with(opts.report_to),
+        project_config=ProjectConfiguration(
+            project_dir=str(opts.output_dir), automatic_checkpoint_naming=False
+        ),
+        kwargs_handlers=process_group_kwargs(cfg.train.dist_timeout_s),
+    )
+    maybe_trace_collectives(accelerator.process_index)
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        # e.g. `accelerate launch --multi_gpu` without GPUs: N processes that never talk to each other
+        raise TrainingError(
+            f"{accelerator.num_processes} processes were launched but accelerate set up no distributed "
+            "backend (no GPU?); on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..."
+        )
+    if accelerator.is_main_process:
+        for warning in launch_warnings(cfg, accelerator):
+            log.warning(warning)
+    return accelerator
+
+
+def launch_warnings(cfg: Config, accelerator) -> list[str]:
+    """Launch settings that run, but not as the config or the user most likely meant."""
+    warnings = [precision_warning(str(accelerator.distributed_type), accelerator.device.type,
+                                  accelerator.mixed_precision)]  # fmt: skip
+    if is_deepspeed(accelerator):
+        ds_clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping", 0.0)
+        warnings.append(clip_warning(cfg.train.clip_grad, ds_clip))
+    return [w for w in warnings if w is not None]
+
+
+def precision_warning(distributed_type: str, device_type: str, mixed_precision: str) -> str | None:
+    """A warning when DeepSpeed on GPU would train in fp32 (the shipped ZeRO configs need the flag)."""
+    if distributed_type.endswith("DEEPSPEED") and device_type == "cuda" and mixed_precision == "no":
+        return (
+            "DeepSpeed is training in fp32 (mixed_precision 'no'): about twice the memory and several times "
+            "slower than bf16. The ZeRO configs take their precision from the launcher: "
+            "accelerate launch --config_file accelerate_configs/4xa100_zero2.yaml --mixed_precision bf16 ..."
+        )
+    return None
+
+
+def clip_warning(clip_grad: float, ds_clipping) -> str | None:
+    """A warning when ``train.clip_grad`` differs from the DeepSpeed JSON's ``gradient_clipping``.
+
+    Under DeepSpeed the engine clips (``"auto"`` becomes accelerate's 1.0, absent means no clipping).
+    """
+    effective = 1.0 if ds_clipping == "auto" else float(ds_clipping or 0.0)
+    if effective == float(clip_grad):
+        return None
+    return (
+        f"train.clip_grad={clip_grad} is not used under DeepSpeed: the engine clips gradients to the JSON's "
+        f"gradient_clipping={effective} (0 = off); set the two alike to silence this"
+    )
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def input_dtype(accelerator) -> torch.dtype:
+    """The dtype model inputs must have: DeepSpeed bf16 runs the module itself in bf16 (no autocast)."""
+    if is_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
 
 # ----------------------------------------------------------------------------- modules
 
@@ -39,7 +129,7 @@ class HeadView(nn.Module):
         self.embed_dim = model.embed_dim
         self._forward_head = type(model).forward_head
 
-    def forward(self, view_emb: torch.Tensor, view_mask: torch.Tensor):  # (B, V, D), (B, V) -> ModelOutput
+    def forward(self, view_emb: torch.Tensor, view_mask: torch.Tensor):  # (B, V, D), (B, V) -> outputs dict
         return self._forward_head(self, view_emb, view_mask)
 
 
@@ -85,6 +175,7 @@ def prepare(
 def make_optimizer(ctx: RunContext, model, num_batches: int, grad_accum: int, epochs: int):
     """AdamW over the trainable groups (per-group lr) and its warm-up + cosine schedule per update."""
     from geoloc.model import param_groups
+    from geoloc.train.loop import updates_per_epoch
     from geoloc.train.schedule import make_scheduler
 
     t = ctx.cfg.train
@@ -129,7 +220,7 @@ def build_geo_model(ctx: RunContext, weights: dict | None):
 
     set_seed(ctx.cfg.train.seed)
     with whole_weights(ctx):
-        model = build_model(ctx.cfg.model, ctx.labels.encoder.num_classes)
+        model = build_model(ctx.cfg.model, ctx.labels.sizes)
     if weights is not None:
         model.load_state_dict(weights)
     return model

@@ -59,7 +59,7 @@ class Phase:
     num_batches: int  # batches per epoch on each rank
     batch_size: int  # per rank
     grad_accum: int  # batches per optimiser update (the accelerator / DeepSpeed engine is set to it)
-    forward: Callable[[torch.nn.Module, dict], object]  # (model, batch) -> ModelOutput on the device
+    forward: Callable[[torch.nn.Module, dict], dict]  # (model, batch) -> {"embedding", <head>: output}
     validate: Callable[[], dict]  # -> competition metrics of the val split (same on every rank)
     full_state: Callable[[], dict]  # -> full GeoModel state dict for export (a collective under ZeRO-3)
     ema: object | None = None  # geoloc.train.ema.EMA, applied for validation and export
@@ -68,28 +68,27 @@ class Phase:
 # ----------------------------------------------------------------------------- one step
 
 
-def check_finite(accelerator, parts: torch.Tensor, where: str, last_checkpoint) -> torch.Tensor:
-    """Mean over ranks of the loss terms ``(3,)``; raises on every rank if any rank's loss is not finite."""
-    everyone = accelerator.gather(parts.detach().float()[None])  # (world, 3)
+def check_finite(
+    accelerator, terms: dict[str, torch.Tensor], where: str, last_checkpoint
+) -> dict[str, float]:
+    """Mean over ranks of each loss term; raises on every rank if any rank's term is not finite.
+
+    One gather of all terms (in name order, the same on every rank) per batch."""
+    names = sorted(terms)
+    everyone = accelerator.gather(torch.stack([terms[n].detach().float() for n in names])[None])  # (world, T)
     if not torch.isfinite(everyone).all():
         raise TrainingError(
-            f"non-finite loss {everyone[:, 0].tolist()} (per rank) at {where}; stopping. The last good "
-            f"checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
+            f"non-finite loss {everyone[:, names.index('loss')].tolist()} (per rank) at {where}; stopping. The "
+            f"last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
         )
-    return everyone.mean(0)
+    return dict(zip(names, everyone.mean(0).tolist()))
 
 
-def compute_loss(ctx: RunContext, out, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combined loss and its terms ``(loss, loss_cls, loss_gps)`` for one batch, in fp32."""
-    from geoloc.geo import make_soft_labels
-    from geoloc.losses import combined_loss
-
-    device, cfg = ctx.accelerator.device, ctx.cfg.loss
-    label, latlon = batch["label"].to(device), batch["latlon"].to(device)  # (B,), (B, 2)
-    centroids, dist = ctx.labels.centroids.to(device), ctx.labels.dist.to(device)
-    soft = make_soft_labels(cfg.soft_labels, label, latlon, centroids, dist, cfg.tau_km)  # (B, C)
-    loss, parts = combined_loss(out.logits.float(), out.gps.float(), label, latlon, soft, cfg)
-    return loss, torch.stack([parts["loss"], parts["loss_cls"], parts["loss_gps"]])
+def compute_loss(ctx: RunContext, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """The criterion's named terms (``loss`` and ``loss_<head>``) for one batch, in fp32."""
+    device = ctx.accelerator.device
+    targets = {"label": batch["label"].to(device), "latlon": batch["latlon"].to(device)}  # (B,), (B, 2)
+    return ctx.criterion(out, targets)
 
 
 def window_size(i: int, num_batches: int, grad_accum: int) -> int:
@@ -99,17 +98,17 @@ def window_size(i: int, num_batches: int, grad_accum: int) -> int:
 
 def train_step(
     ctx: RunContext, phase: Phase, batch: dict, window: int, boundary: bool, where: str
-) -> torch.Tensor:
+) -> dict[str, float]:
     """Forward/backward of one batch of a ``window``-batch accumulation window; an optimiser update when
-    ``boundary``. Returns the rank-mean loss terms."""
+    ``boundary``. Returns the rank-mean loss terms by name."""
     acc = ctx.accelerator
     acc.sync_gradients = boundary  # prepared optimisers skip step() and DeepSpeed accumulates until True
     with nullcontext() if boundary else acc.no_sync(phase.model):
-        loss, parts = compute_loss(ctx, phase.forward(phase.model, batch), batch)
-        parts = check_finite(acc, parts, where, ctx.checkpoints.latest())
+        terms = compute_loss(ctx, phase.forward(phase.model, batch), batch)
+        means = check_finite(acc, terms, where, ctx.checkpoints.latest())
         # backward divides by grad_accum (DeepSpeed: the engine, by the same gradient_accumulation_steps);
         # a short last window must be divided by its own size to give the mean gradient of its batches
-        acc.backward(loss * (phase.grad_accum / window))
+        acc.backward(terms["loss"] * (phase.grad_accum / window))
     if boundary:
         fault_point(f"{phase.name}.update")  # crash tests: gradients computed, weights not yet updated
         if not ctx.is_deepspeed and ctx.cfg.train.clip_grad > 0:  # DeepSpeed clips (JSON gradient_clipping)
@@ -119,7 +118,7 @@ def train_step(
         phase.optimizer.zero_grad(set_to_none=True)
         if phase.ema is not None:
             phase.ema.update(phase.model)
-    return parts
+    return means
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -139,25 +138,23 @@ def _where(state: TrainState, i: int) -> str:
 
 
 class LossMeter:
-    """Mean loss terms since the last log line, and samples/s since the last update."""
-
-    NAMES = ("loss", "loss_cls", "loss_gps")
+    """Mean of each loss term (whatever the criterion returns) since the last log line, and samples/s
+    since the last update."""
 
     def __init__(self):
-        self.sums, self.seen, self.speed = torch.zeros(len(self.NAMES)), 0, Throughput()
+        self.sums, self.seen, self.speed = {}, 0, Throughput()
 
-    def add(self, parts: torch.Tensor, samples: int) -> None:
-        self.sums += parts.cpu()
+    def add(self, terms: dict[str, float], samples: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
         self.seen += 1
         self.speed.add(samples)
 
     def read(self) -> dict[str, float]:
-        return {k: float(v) for k, v in zip(self.NAMES, self.sums / self.seen)} | {
-            "samples_per_s": self.speed.rate()
-        }
+        return {k: v / self.seen for k, v in self.sums.items()} | {"samples_per_s": self.speed.rate()}
 
     def reset_losses(self) -> None:
-        self.sums, self.seen = torch.zeros(len(self.NAMES)), 0
+        self.sums, self.seen = {}, 0
 
 
 def train_epoch(ctx: RunContext, phase: Phase, state: TrainState) -> None:

@@ -80,10 +80,10 @@ def cached_forward(ctx: RunContext, model, batch: dict):
 
 
 def pixel_forward(ctx: RunContext, frozen_backbone: bool, model, batch: dict):
-    from geoloc.export import unwrap
+    from geoloc.distributed import eval_module
 
     if frozen_backbone:
-        unwrap(model).backbone.eval()  # as when the cache is built: no dropout in a frozen backbone
+        eval_module(model).backbone.eval()  # as when the cache is built: no dropout in a frozen backbone
     ctx.preprocessor.train()  # augmentation (if configured) during training only
     device = ctx.accelerator.device
     # non_blocking: the loader pins its batches on CUDA, so the copy overlaps with compute
@@ -107,7 +107,7 @@ def export_best(
             ctx.run_dir / "model", model_state_dict=weights, cfg=ctx.cfg,
             vision_config=vision_config_dict(geo_model), embed_dim=geo_model.embed_dim,
             num_classes=geo_model.num_classes, encoder=ctx.labels.encoder, preprocess=ctx.preprocess,
-            centroids=ctx.labels.centroids.numpy(), prior=ctx.labels.prior,
+            centroids=ctx.labels.centroids.numpy(), prior=ctx.labels.prior, cells=ctx.labels.cells,
             extra={"val": metrics, "phase": phase.name, "epoch": state.epoch, "global_step": state.global_step,
                    "num_processes": ctx.accelerator.num_processes,
                    "distributed_type": str(ctx.accelerator.distributed_type)},
@@ -120,7 +120,7 @@ def export_best(
 
 def frozen_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
     """Phase 1: train fusion + heads with the backbone frozen (on cached embeddings by default)."""
-    from geoloc.model import set_backbone_trainable
+    from geoloc.backbone import set_backbone_trainable
 
     t = ctx.cfg.train
     set_backbone_trainable(geo_model, None)
@@ -158,7 +158,7 @@ def finetune_phase(ctx: RunContext, geo_model: nn.Module) -> Phase:
     Its own batch size and accumulation (``train.finetune_*``): backward through the backbone needs far
     more memory per sample than phase 1.
     """
-    from geoloc.model import set_backbone_trainable
+    from geoloc.backbone import set_backbone_trainable
     from geoloc.train.ema import EMA
 
     t = ctx.cfg.train
@@ -266,6 +266,10 @@ def run(cfg, opts: RunOptions) -> None:
             weights, state = train_phase(ctx, state, resume_from, weights)
             resume_from = None
             fault_point("phase.end")  # crash tests: a phase done, the next not built
+        if cfg.train.build_index and (ctx.run_dir / "model").is_dir():
+            from geoloc.train.index import finalize_model
+
+            finalize_model(ctx)
     finally:
         ctx.tracker.finish()
     if state.best_score is not None:

@@ -8,8 +8,8 @@ and val shard names with their sample counts, and the world size. ``--resume`` t
 - refuses a changed config key that the checkpointed state depends on (model, loss, learning rates,
   batch sizes, seeds, ...: the optimiser and scheduler would keep the OLD values while config.yaml
   records the new ones), naming each key with its old and new value;
-- takes the new value of the keys in :data:`TAKEN` (how long to train, how often to log or save,
-  where to cache, how many workers), and says so;
+- takes the new value of the keys in :data:`TAKEN` and :data:`TAKEN_SECTIONS` (how long to train, how
+  often to log or save, where to cache, how many workers, how outputs are decoded), and says so;
 - refuses another world size under DeepSpeed (its optimiser state is partitioned per rank); without
   DeepSpeed it warns (the data order then differs from the uninterrupted run).
 """
@@ -22,8 +22,9 @@ from geoloc.errors import CheckpointError
 TAKEN = frozenset({
     "train.epochs_frozen", "train.epochs_finetune", "train.patience", "train.save_every_steps",
     "train.keep_checkpoints", "train.log_every", "train.eval_batch_size", "train.cache_dir",
-    "train.dist_timeout_s", "data.num_workers", "data.on_short_shard", "model.compile",
+    "train.dist_timeout_s", "data.num_workers", "data.on_short_shard", "model.compile", "train.build_index",
 })  # fmt: skip
+TAKEN_SECTIONS = ("decode.",)  # how outputs are decoded never changes the trained state
 
 
 def run_info(config: dict, manifest: dict, splits: dict[str, str], world_size: int, deepspeed: bool) -> dict:
@@ -51,7 +52,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     old, new = flatten(saved), flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     lines = {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed}
-    return [lines[k] for k in changed if k in TAKEN], [lines[k] for k in changed if k not in TAKEN]
+    taken = {k for k in changed if k in TAKEN or k.startswith(TAKEN_SECTIONS)}
+    return [lines[k] for k in changed if k in taken], [lines[k] for k in changed if k not in taken]
 
 
 def _shard_diff(saved: dict, current: dict) -> list[str]:

@@ -31,19 +31,16 @@ def validate_cached(ctx: RunContext, model, table, forward) -> dict:
     model = eval_module(model)  # no DDP buffer broadcast per forward (all ranks score all rows anyway)
     was_training = model.training
     model.eval()
-    probs, gps = [], []
+    decode, parts = ctx.decoder(), []
     for rows in torch.arange(len(table)).split(ctx.cfg.train.eval_batch_size):
-        out = forward(model, table.rows(rows))
-        probs.append(torch.softmax(out.logits.float(), -1).cpu())
-        gps.append(out.gps.float().cpu())
+        parts.append({k: v.cpu() for k, v in decode(forward(model, table.rows(rows))).items()})
     model.train(was_training)
     preds = Predictions(
         sample_id=np.asarray(table.sample_id, dtype=object),
-        probs=torch.cat(probs).numpy(),
-        gps=torch.cat(gps).numpy(),
         label=table.label.numpy(),
         latlon=table.latlon.numpy(),
         n_views=table.view_mask.sum(1).numpy(),
+        values={k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]},
     )
     return evaluate(preds, ctx.labels.encoder, prior(ctx))
 
@@ -59,7 +56,10 @@ def validate_pixels(ctx: RunContext, model) -> dict:
     ctx.preprocessor.eval()
     # predict() unwraps DDP/DeepSpeed (no collective per batch) and runs ZeRO-3 partitions in lockstep
     batch = ctx.cfg.train.eval_batch_size  # every forward padded to it: results independent of the layout
-    preds = predict(model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype, total=total, batch_size=batch)
+    preds = predict(
+        model, loader, ctx.preprocessor, acc, dtype=ctx.eval_dtype, total=total, batch_size=batch,
+        decoder=ctx.decoder(),
+    )  # fmt: skip
     if len(preds) != ctx.counts["val"]:
         raise TrainingError(f"validation saw {len(preds)} val samples, the manifest has {ctx.counts['val']}")
     return evaluate(preds, ctx.labels.encoder, prior(ctx))
