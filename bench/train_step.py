@@ -40,6 +40,7 @@ from geoloc.geo import distance_matrix
 from geoloc.heads import HeadSizes, Targets
 from geoloc.losses import Criterion
 from geoloc.model import GeoModel, head_parameters, param_groups
+from geoloc.tiny_clip import STREETCLIP_VISION
 
 # Vision configs (random weights). "tiny" is geoloc.tiny_clip.build_tiny_clip's default, the demo's backbone.
 ARCHS = {
@@ -61,15 +62,7 @@ ARCHS = {
         "patch_size": 16,
         "projection_dim": 512,
     },
-    "vit-l-14-336": {  # CLIP ViT-L/14 at 336 px: StreetCLIP's architecture
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 336,
-        "patch_size": 14,
-        "projection_dim": 768,
-    },
+    "vit-l-14-336": STREETCLIP_VISION,  # CLIP ViT-L/14 at 336 px: StreetCLIP's architecture
 }
 
 # Peak dense bf16 tensor FLOP/s (vendor datasheets, no sparsity); first substring match of the device name.

@@ -170,7 +170,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    tau_km: float = 75.0  # temperature of the haversine label smoothing (state and cell targets)
+    # temperature of the haversine label smoothing (state and cell targets); 200 km won the ablation
+    # (BENCHMARKS.md): state centroids lie hundreds of km apart, so PIGEON's 75 km is nearly one-hot
+    tau_km: float = 200.0
     soft_labels: str = "sample"  # state | sample (PIGEON)
     gps_loss: str = "haversine"  # mse | mae | smooth_l1 | haversine
     # weight of each head's loss term, by head name (heads the model lacks are ignored)

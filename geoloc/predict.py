@@ -223,21 +223,17 @@ def predict(
 
     ``model(pixels, view_mask)`` returns a dict of outputs; ``decoder`` (a :class:`geoloc.decoders.Decoder`)
     turns them into ``state_probs`` (B, C) and ``gps`` (B, 2) (an ensemble decodes itself: no decoder);
-    ``preprocessor`` maps
-    uint8 ``(B, V, 3, H, W)`` to normalised float pixels on the device. ``dtype`` defaults to bf16 on
-    GPU and fp32 on CPU. ``tta_scales`` are centre-crop fractions averaged over (default: ``(1.0,)``).
-    A short batch is zero-padded to ``batch_size`` rows (default: the largest batch seen so far): with
-    one shape for every forward, a sample's outputs do not depend on which batch it fell in, so 1 and
-    N processes give bit-identical predictions.
-    The model's train/eval mode is restored afterwards (the trainer calls this mid-training). A wrapped
-    model (DDP, DeepSpeed) is unwrapped first, so that no collective hides in the loop.
-    Returns the gathered predictions, sorted by sample id, on every rank.
+    ``preprocessor`` maps uint8 ``(B, V, 3, H, W)`` to normalised float pixels on the device. ``dtype``
+    defaults to bf16 on GPU and fp32 on CPU. ``tta_scales`` are centre-crop fractions averaged over
+    (default: ``(1.0,)``). A short batch is zero-padded to ``batch_size`` rows (default: the largest batch
+    seen so far): with one shape for every forward, a sample's outputs do not depend on which batch it fell
+    in, so 1 and N processes give bit-identical predictions. The model's train/eval mode is restored
+    afterwards (the trainer calls this mid-training). A wrapped model (DDP, DeepSpeed) is unwrapped first,
+    so that no collective hides in the loop. Returns the gathered predictions, sorted by sample id, on
+    every rank.
     """
     from geoloc.distributed import eval_module, lockstep, needs_lockstep
 
-    device = accelerator.device
-    dtype = dtype or default_dtype(device)
-    scales = tuple(tta_scales or (1.0,))
     model = eval_module(model)
     predictor = model if decoder is None else (lambda pixels, mask: decoder(model(pixels, mask)))
     total = total or _loader_len(loader)  # batches of this rank, for the progress bar
@@ -245,33 +241,39 @@ def predict(
         loader = lockstep(loader, accelerator, padding_batch)
     was_training = model.training
     model.eval()
-    rows, pad_to = [], batch_size or 0
     bar = tqdm(
-        total=total,
-        desc="predict",
-        unit="batch",
-        disable=not (progress and accelerator.is_main_process),
+        total=total, desc="predict", unit="batch", disable=not (progress and accelerator.is_main_process)
     )
-    n_seen, t0 = 0, time.perf_counter()
-    with _autocast(device, dtype):
-        for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W) uint8
-            view_mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V) bool
-            n = images.shape[0]
-            pad_to = max(pad_to, n)
-            padded = pad_rows(images, pad_to), pad_rows(view_mask, pad_to)
-            values = forward_values(predictor, preprocessor, *padded, scales)
-            rows.append(_batch_rows(batch, values, n))
-            fault_point("predict.batch")  # crash tests: one rank dies mid-way
-            n_seen += n
-            bar.update(1)
-            rate = n_seen * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix({"samples/s": f"{rate:.1f}"})  # all ranks, assuming they keep pace
+    with _autocast(accelerator.device, dtype or default_dtype(accelerator.device)):
+        rows = _predict_rows(
+            predictor, loader, preprocessor, accelerator, tuple(tta_scales or (1.0,)), batch_size, bar
+        )
     bar.close()
     model.train(was_training)
     local = concat_predictions(rows) if rows else empty_predictions()  # a rank may get no batch
     local = local.take(local.sample_id != PAD_ID)
     return gather_predictions(local, accelerator)
+
+
+def _predict_rows(predictor, loader, preprocessor, accelerator, scales, batch_size, bar) -> list[Predictions]:
+    """This rank's batches through ``predictor``, each padded to one shape; no collective inside."""
+    device, rows, pad_to = accelerator.device, [], batch_size or 0
+    n_seen, t0 = 0, time.perf_counter()
+    for batch in loader:
+        images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W) uint8
+        view_mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V) bool
+        n = images.shape[0]
+        pad_to = max(pad_to, n)
+        values = forward_values(
+            predictor, preprocessor, pad_rows(images, pad_to), pad_rows(view_mask, pad_to), scales
+        )
+        rows.append(_batch_rows(batch, values, n))
+        fault_point("predict.batch")  # crash tests: one rank dies mid-way
+        n_seen += n
+        bar.update(1)
+        rate = n_seen * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix({"samples/s": f"{rate:.1f}"})  # all ranks, assuming they keep pace
+    return rows
 
 
 def evaluate(preds: Predictions, encoder, prior=None) -> dict:

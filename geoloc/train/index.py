@@ -51,15 +51,16 @@ def raw_outputs(ctx: RunContext, loaded, role: str, keep: tuple[str, ...] | None
     )  # fmt: skip
 
 
-def build_index(loaded, train):
-    """The retrieval index of the train rows (fused embeddings, classes, points, cells)."""
+def build_index(loaded, train, device="cpu"):
+    """The retrieval index of the train rows (fused embeddings, classes, points, cells), on ``device``."""
     from geoloc.retrieval import EmbeddingIndex
 
     seen = train.take(train.has_views)
     cell = None
     if loaded.cells is not None:
         cell = loaded.cells.assign(seen.latlon, loaded.encoder.decode(seen.label))
-    return EmbeddingIndex.build(seen.values["embedding"], seen.label, seen.latlon.astype(np.float64), cell)
+    emb = torch.as_tensor(seen.values["embedding"])
+    return EmbeddingIndex.build(emb, seen.label, seen.latlon.astype(np.float64), cell, device=device)
 
 
 def score(loaded, index, spec, val) -> dict:
@@ -68,10 +69,11 @@ def score(loaded, index, spec, val) -> dict:
     from geoloc.metrics import Prior
     from geoloc.predict import evaluate
 
-    decode = Decoder(spec, loaded.heads, loaded.encoder, loaded.cells, index)
+    device = index.device  # the accelerator's: the searches of every candidate run there
+    decode = Decoder(spec, loaded.heads, loaded.encoder, loaded.cells, index, device)
     seen = val.has_views
-    outputs = {k: torch.as_tensor(v[seen]) for k, v in val.values.items()}
-    decoded = {k: v.numpy() for k, v in decode(outputs).items()}
+    outputs = {k: torch.as_tensor(v[seen], device=device) for k, v in val.values.items()}
+    decoded = {k: v.cpu().numpy() for k, v in decode(outputs).items()}
     values = {k: np.full((len(val), *v.shape[1:]), np.nan, np.float32) for k, v in decoded.items()}
     for k, v in decoded.items():
         values[k][seen] = v
@@ -123,7 +125,7 @@ def finalize_model(ctx: RunContext) -> None:
         loaded = load_model_dir(model_dir, ctx.accelerator.device)
     train, val = raw_outputs(ctx, loaded, "train", keep=("embedding",)), raw_outputs(ctx, loaded, "val")
     if ctx.accelerator.is_main_process:
-        index = build_index(loaded, train)
+        index = build_index(loaded, train, ctx.accelerator.device)
         decoder, table = choose_decoder(loaded, index, val)
         save_index(model_dir, index, decoder, table)
         print_decoders(table, decoder)
