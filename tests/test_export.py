@@ -328,3 +328,52 @@ def test_init_from_loads_verified_weights_or_stops_naming_the_file(exported, tmp
         initial_weights(opts(out_dir))
     with pytest.raises(TrainingError, match=r"--init-from .*missing .*model\.safetensors"):
         initial_weights(opts(tmp_path))
+
+
+def test_a_model_of_format_1_is_refused_with_the_fix(clip_copy, tmp_path):
+    cfg, model = _trained_like(clip_copy)
+    out_dir = _save(tmp_path / "model", cfg, model)
+    meta = json.loads((out_dir / "geoloc.json").read_text())
+    (out_dir / "geoloc.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(ModelDirError, match=r"format_version 1, expected 2 \(written before heads by name"):
+        load_model_dir(out_dir)
+
+
+def _with_index(out_dir):
+    from geoloc.retrieval import EmbeddingIndex
+    from geoloc.train.index import save_index
+
+    index = EmbeddingIndex.build(torch.randn(6, 4), torch.arange(6) % 4, torch.rand(6, 2) * 10 + 30)
+    decoder = {
+        "state": "head",
+        "gps": "knn",
+        "bayes_top_k": 10,
+        "knn_k": 3,
+        "knn_temperature": 0.05,
+        "knn_alpha": 0.5,
+    }
+    save_index(out_dir, index, decoder, [{"decoder": decoder, "score": 0.5}])
+    return index
+
+
+def test_the_retrieval_index_travels_with_the_model_and_is_verified(clip_copy, tmp_path):
+    cfg, model = _trained_like(clip_copy)
+    out_dir = _save(tmp_path / "model", cfg, model)
+    index = _with_index(out_dir)
+    loaded = load_model_dir(out_dir)
+    assert torch.equal(loaded.index.embeddings, index.embeddings) and loaded.decode_config().gps == "knn"
+    assert loaded.decoder().gps == "knn"  # the recorded default decoding, served by the index
+    data = bytearray((out_dir / "index" / "index.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out_dir / "index" / "index.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"index.safetensors: modified or corrupted"):
+        load_model_dir(out_dir)
+
+
+def test_geocells_in_geoloc_json_are_checked(clip_copy, tmp_path):
+    cfg, model = _trained_like(clip_copy)
+    out_dir = _save(tmp_path / "model", cfg, model)
+    meta = json.loads((out_dir / "geoloc.json").read_text())
+    (out_dir / "geoloc.json").write_text(json.dumps({**meta, "cells": {"version": 1, "state": [3]}}))
+    with pytest.raises(ModelDirError, match=r"geoloc.json: key 'cells'"):
+        load_model_dir(out_dir)
