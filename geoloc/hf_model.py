@@ -147,13 +147,20 @@ def resolve_model_dir(name_or_path, **hub_kwargs) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
+    import huggingface_hub
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        return Path(snapshot_download(str(name_or_path), **hub_kwargs))
+        validate_repo_id(str(name_or_path))
     except HFValidationError:
         raise FileNotFoundError(f"{name_or_path}: model directory not found (nor a valid hub id)") from None
+    try:
+        return Path(huggingface_hub.snapshot_download(str(name_or_path), **hub_kwargs))
+    except Exception as err:  # offline, not in the cache, no such repo, no access: one clear message
+        raise FileNotFoundError(
+            f"{name_or_path}: no such model directory, and the hub did not give it ({type(err).__name__}: {err})"
+        ) from err
 
 
 AutoConfig.register(MODEL_TYPE, GeolocConfig, exist_ok=True)

@@ -120,7 +120,11 @@ def _table(rows: list[list], head: list[str]) -> str:
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) and not float(value).is_integer() else f"{value:g}"
+    """4 decimals for scores and rates, 1 for km, none for whole numbers."""
+    value = float(value)
+    if value.is_integer():
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
 
 
 def metrics_section(meta: dict) -> str:
@@ -150,7 +154,9 @@ def data_section(meta: dict) -> str:
     data = (meta.get("extra") or {}).get("data")
     if not data:
         return "The data were not recorded with this export."
-    counts = ", ".join(f"{split} {n}" for split, n in sorted(data["splits"].items()))
+    order = {"train": 0, "val": 1, "test": 2}
+    splits = sorted(data["splits"].items(), key=lambda kv: (order.get(kv[0], 3), kv[0]))
+    counts = ", ".join(f"{split} {n}" for split, n in splits)
     dedup = data.get("near_duplicates") or {}
     skips = f"skipped while sharding: {data['skipped']}; missing views: {data['missing_views']}"
     lines = [
