@@ -27,7 +27,7 @@ PICTURES = {"confusion": "confusion.png", "map": "map.png", "errors": "errors_km
 OUTLINE_TOLERANCE_DEG = 0.05  # ~5 km: invisible at report size, 10x fewer vertices than the file
 MAP_MARGIN_DEG = 2.0
 EMBEDDING_PICTURE = "embeddings.png"
-EMBEDDING_POINTS = 5000  # t-SNE of 5,000 points takes ~half a minute on 2 CPU cores; more are subsampled
+EMBEDDING_POINTS = 5000  # t-SNE cost grows ~N log N (5,000 x 768-d: ~2 min on 2 busy cores); more: subsampled
 EMBEDDING_LEGEND = 12  # states named in the legend: the most frequent among the points drawn
 PCA_DIMS = 50  # t-SNE runs on the first principal components (the usual first step; much faster)
 
@@ -214,10 +214,11 @@ def plot_embeddings(
     drawn = f"{len(idx):,} of {len(emb):,} samples" + (
         " (seeded random subsample)" if len(idx) < len(emb) else ""
     )
-    ax.set_title(f"{method} of the fused embeddings by true state: {drawn}", fontsize=10)
+    ax.set_title(f"{method} of the fused embeddings, coloured by true state\n{drawn}", fontsize=10)
     ax.set_xticks([]), ax.set_yticks([])
     if legend:
         title = f"{len(legend)} most frequent states" if len(legend) < (counts > 0).sum() else "states"
+        title += " (samples drawn)"
         ax.legend(title=title, fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
