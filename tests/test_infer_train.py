@@ -80,10 +80,10 @@ def test_from_pretrained_predicts_the_val_split_bit_for_bit_like_load_model_dir(
     model_dir = trained_run / "model"
     loaded, hub = load_model_dir(model_dir), GeolocModel.from_pretrained(model_dir)
     assert hub.loaded.index is not None
-    runs = []
+    runs, urls = [], resolve_shards(str(tiny_shards), "val")
     try:
         for model, decoder in ((loaded.model, loaded.decoder()), (hub, hub.decoder())):
-            loader = make_eval_loader(resolve_shards(str(tiny_shards), "val"), batch_size=4, encoder=loaded.encoder)
+            loader = make_eval_loader(urls, batch_size=4, encoder=loaded.encoder)
             pre = Preprocessor(**loaded.preprocess)
             runs.append(predict(model, loader, pre, Accelerator(cpu=True), decoder=decoder, progress=False))
     finally:
