@@ -289,3 +289,8 @@ def test_hub_module_is_light_until_the_model_classes_are_asked_for():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]"
+    from geoloc import hub
+
+    assert hub.GeolocModel is GeolocModel and hub.GeolocConfig is GeolocConfig  # loaded on first use
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        hub.Nope  # noqa: B018
