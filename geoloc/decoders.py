@@ -45,10 +45,13 @@ class Decoder:
 
     ``cells`` (``geoloc.geocells.GeoCells``) and ``index`` (``geoloc.retrieval.EmbeddingIndex``) are those
     of the model (None when it has none); ``encoder`` maps cells and neighbours to contiguous classes.
+    ``passthrough`` names raw outputs handed on unchanged (as fp32) beside the decoded values, e.g.
+    ``("embedding",)`` for the fused embeddings that ``infer.py --eval`` pictures.
     """
 
-    def __init__(self, spec, heads: list[str], encoder, cells=None, index=None, device="cpu"):
+    def __init__(self, spec, heads: list[str], encoder, cells=None, index=None, device="cpu", passthrough=()):
         self.spec, self.heads = spec, list(heads)
+        self.passthrough = tuple(passthrough)
         self.state, self.gps = resolve(spec, self.heads, index is not None)
         self.num_classes = encoder.num_classes
         self.index = None if index is None else index.to(device)
@@ -71,7 +74,8 @@ class Decoder:
         probs = preds["state_probs"] if self.state == "head" else self._cell_states(preds["cell_probs"])
         if self.spec.knn_alpha > 0:
             probs = (1 - self.spec.knn_alpha) * probs + self.spec.knn_alpha * self._knn_states(*neighbours)
-        return {"state_probs": probs.float(), "gps": self._point(preds, neighbours).float()}
+        passed = {name: outputs[name].float() for name in self.passthrough}  # e.g. embedding (B, D')
+        return {"state_probs": probs.float(), "gps": self._point(preds, neighbours).float(), **passed}
 
     def _cell_states(self, cell_probs: torch.Tensor) -> torch.Tensor:
         """(B, K) -> (B, C): each state's cells summed."""

@@ -6,6 +6,8 @@ Layout (see ARCHITECTURE.md)::
     backbone_config.json  the CLIP vision config, so the backbone is rebuilt without hub access
     geoloc.json           label encoder, preprocessing, soft-label settings, centroids, prior, dims
     config.yaml           the resolved run config
+    config.json           derived from the above: transformers' ``from_pretrained`` / ``AutoModel`` (geoloc.hub)
+    README.md             the model card (geoloc.model_card): data, val metrics, config, labels, licence
 
 The directory is written under a temporary name and renamed into place, so a crash never leaves a
 half-written model directory behind. Loading needs neither the hub, the original checkpoint nor DeepSpeed.
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from geoloc.backbone import backbone_from_config
-from geoloc.config import Config, ConfigError, read_config, save_config
+from geoloc.config import Config, ConfigError, config_to_dict, read_config, save_config
 from geoloc.contract import VIEWS
 from geoloc.errors import GeolocError
 from geoloc.fileio import file_sha256
@@ -44,6 +46,8 @@ WEIGHTS = "model.safetensors"
 BACKBONE_CONFIG = "backbone_config.json"
 META = "geoloc.json"
 RUN_CONFIG = "config.yaml"
+HUB_CONFIG = "config.json"  # for transformers' from_pretrained / AutoModel (geoloc.hub); checked on load
+MODEL_TYPE = "geoloc"  # config.json's model_type, registered with AutoConfig by geoloc.hf_model
 REQUIRED_FILES = (WEIGHTS, BACKBONE_CONFIG, META, RUN_CONFIG)
 PREPROCESS_KEYS = ("image_size", "mean", "std")
 WEIGHTS_SHA256 = "weights_sha256"  # geoloc.json key: sha256 of model.safetensors, checked on every load
@@ -101,12 +105,13 @@ class LoadedModel:
 
         return replace(DecodeConfig(**self.meta.get("decoder", {})), **overrides)
 
-    def decoder(self, spec=None, device="cpu"):
-        """A :class:`geoloc.decoders.Decoder` of this model (``spec``: a DecodeConfig, default its own)."""
+    def decoder(self, spec=None, device="cpu", passthrough: tuple[str, ...] = ()):
+        """A :class:`geoloc.decoders.Decoder` of this model (``spec``: a DecodeConfig, default its own);
+        ``passthrough``: raw outputs it hands on beside its decoded values (e.g. ``("embedding",)``)."""
         from geoloc.decoders import Decoder
 
         spec = spec or self.decode_config()
-        return Decoder(spec, self.heads, self.encoder, self.cells, self.index, device)
+        return Decoder(spec, self.heads, self.encoder, self.cells, self.index, device, passthrough)
 
 
 def vision_config_dict(model: nn.Module) -> dict:
@@ -179,6 +184,15 @@ def _write_files(tmp: Path, state: dict, cfg: Config, vision_config: dict, meta:
     (tmp / BACKBONE_CONFIG).write_text(json.dumps(vision_config, indent=2, default=_json_default))
     (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default))
     save_config(cfg, tmp / RUN_CONFIG)
+    _write_hub_files(tmp, hub_config_dict(meta, vision_config, config_to_dict(cfg)["model"]))
+
+
+def _write_hub_files(tmp: Path, hub_config: dict) -> None:
+    """``config.json`` (what transformers' ``from_pretrained`` dispatches on) and the model card."""
+    from geoloc.model_card import write_model_card
+
+    (tmp / HUB_CONFIG).write_text(json.dumps(hub_config, indent=2, default=_json_default))
+    write_model_card(tmp)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -409,3 +423,56 @@ def _index(path: Path, meta: dict, device):
         return EmbeddingIndex.load(folder, device=device)
     except IndexFileError as err:
         raise ModelDirError(str(err)) from None
+
+
+# ----------------------------------------------------------------------------- hub format (config.json)
+
+
+def hub_config_dict(meta: dict, vision_config: dict, model_section: dict) -> dict:
+    """``config.json`` of a model directory: its ``model_type`` (for ``AutoConfig``) and what rebuilds the
+    model's shapes without the directory (``GeolocModel(config)``). Everything here is derived from
+    ``geoloc.json``, ``backbone_config.json`` and ``config.yaml``, which stay the source of truth: loading
+    checks that it still agrees with them (:func:`check_hub_config`)."""
+    enc = meta["label_encoder"]
+    names = list(enc["state_names"])
+    config = {
+        "model_type": MODEL_TYPE,
+        "architectures": ["GeolocModel"],
+        "geoloc_format": meta["format_version"],
+        "geoloc_meta": META,
+        "clip_vision": vision_config,
+        "pooling": meta["pooling"],
+        "geoloc_model": model_section,
+        "embed_dim": meta["embed_dim"],
+        "num_classes": meta["num_classes"],
+        "num_cells": meta["num_cells"],
+        "num_views": len(meta.get("views", VIEWS)),
+        "state_indices": list(enc["state_indices"]),
+        "id2label": {str(c): name for c, name in enumerate(names)},
+        "label2id": {name: c for c, name in enumerate(names)},
+    }
+    return json.loads(json.dumps(config, default=_json_default))  # as read back from the file
+
+
+def check_hub_config(path: str | Path, loaded: LoadedModel) -> dict:
+    """``config.json`` of ``path`` as a dict, checked against the files ``loaded`` came from; a missing
+    one is derived (a directory exported before hub support). Errors name the file and key."""
+    path = Path(path)
+    vision = read_json_mapping(path / BACKBONE_CONFIG, BACKBONE_KEYS)
+    want = hub_config_dict(loaded.meta, vision, config_to_dict(loaded.cfg)["model"])
+    if not (path / HUB_CONFIG).is_file():
+        log.warning("%s: no %s (exported before hub support): derived from %s", path, HUB_CONFIG, META)
+        return want
+    got = read_json_mapping(path / HUB_CONFIG, ("model_type",))
+    if "auto_map" in got:
+        raise ModelDirError(
+            f"{path / HUB_CONFIG}: key 'auto_map' asks for code from the directory; geoloc never runs code "
+            "from a model directory (this file was not written by geoloc)"
+        )
+    for key, value in want.items():
+        if got.get(key) != value:
+            raise ModelDirError(
+                f"{path / HUB_CONFIG}: key {key!r} disagrees with {META} / {BACKBONE_CONFIG} / {RUN_CONFIG} "
+                f"(modified since export?): {str(got.get(key))[:200]} vs {str(value)[:200]}"
+            )
+    return got

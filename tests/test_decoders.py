@@ -106,3 +106,12 @@ def test_candidates_cover_every_decoding_the_heads_allow():
                      for a in (0.0, 0.5)}  # fmt: skip
     only = {(s.state, s.gps) for s in candidates(DecodeConfig(), ["state", "gps"])}
     assert only == {("head", "regression"), ("head", "knn")}
+
+
+def test_passthrough_hands_raw_outputs_on_beside_the_decoded_values():
+    outs = _outputs()
+    spec = DecodeConfig(state="head", gps="regression")
+    got = Decoder(spec, ["state", "gps"], ENCODER, passthrough=("embedding",))(outs)
+    assert set(got) == {"state_probs", "gps", "embedding"}
+    torch.testing.assert_close(got["embedding"], outs["embedding"], rtol=0, atol=0)
+    assert set(Decoder(spec, ["state", "gps"], ENCODER)(outs)) == {"state_probs", "gps"}

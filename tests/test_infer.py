@@ -174,6 +174,21 @@ def test_weighted_ensemble_averages_probabilities_and_points(
     assert not np.allclose(pa.probs, pb.probs, atol=1e-3)  # the two members really differ
 
 
+def test_ensemble_hands_on_the_first_members_embedding(model_dir, model_dir2, tiny_data_root, accelerator):
+    """The fused embeddings of members differ in meaning (and may in width): never averaged."""
+    a, b = load_model_dir(model_dir), load_model_dir(model_dir2)
+    template = read_submission_template(template_path(tiny_data_root))
+    loader = make_raw_loader(tiny_data_root, template, batch_size=5, num_workers=0)
+    pre = [_single(m).preprocessors[0] for m in (a, b)]
+    keep = ("embedding",)
+    alone = Ensemble([a.model], pre[:1], [a.decoder(passthrough=keep)])
+    both = Ensemble([a.model, b.model], pre, [a.decoder(passthrough=keep), b.decoder()], [3, 1])
+    pa = predict(alone, loader, identity, accelerator, progress=False)
+    pe = predict(both, loader, identity, accelerator, progress=False)
+    assert pe.values["embedding"].shape == (len(template), a.model.embed_dim)
+    np.testing.assert_array_equal(pe.values["embedding"], pa.values["embedding"])
+
+
 def test_ensemble_rejects_members_with_other_states(
     capsys, model_dir, tiny_clip_dir, tiny_data_root, tmp_path
 ):
@@ -238,9 +253,10 @@ def test_eval_report_equals_evaluate_as_the_trainer_calls_it(
     assert want["n"] == read_manifest(str(tiny_shards))["splits"]["val"]["count"]
     for key, value in want.items():
         assert report[key] == pytest.approx(value, abs=1e-9), key
-    for name in ("confusion.png", "map.png", "errors_km.png"):
+    for name in ("confusion.png", "map.png", "errors_km.png", "embeddings.png"):
         assert (out_dir / name).read_bytes()[:4] == b"\x89PNG"
     assert np.sum(report["confusion"]["counts"]) == want["n"]
+    assert report["embeddings"]["points"] == report["embeddings"]["of"] == want["n"]  # every val sample
 
 
 def test_validate_mode_exit_status_and_messages(capsys, model_dir, tiny_data_root, tmp_path):

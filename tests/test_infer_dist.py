@@ -84,6 +84,10 @@ def test_two_process_eval_report_equals_one_process(capsys, model_dir, tiny_shar
     for key in ("score", "cls_score", "gps_score", "top1_acc", "top5_acc", "mean_km", "median_km", "n"):
         assert r2[key] == pytest.approx(r1[key], abs=1e-9), key
     assert r2["confusion"] == r1["confusion"]
+    # the embeddings, gathered over both ranks: the same rows, so the same t-SNE picture
+    assert r2["embeddings"] == r1["embeddings"] and r1["embeddings"]["of"] == r1["n"]
+    pictures = [(tmp_path / r / "embeddings.png").read_bytes() for r in ("r1", "r2")]
+    assert pictures[0] == pictures[1]
 
 
 def test_a_rank_that_raises_mid_prediction_ends_the_job(model_dir, tiny_shards, tmp_path):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from _infer_helpers import ENV, ROOT
 
@@ -61,3 +62,34 @@ def test_eval_with_the_models_default_decoder_reports_its_val_row(capsys, traine
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["score"] == pytest.approx(best["score"], rel=1e-5)
     assert report["mean_km"] == pytest.approx(best["mean_km"], rel=1e-5)
+
+
+def test_from_pretrained_predicts_the_val_split_bit_for_bit_like_load_model_dir(trained_run, tiny_shards):
+    """The save/load round trip through the hub format: the whole predict() path, default decoder (with
+    the retrieval index), identical predictions; the card shows the decoder table and the run's data."""
+    from _hub_checks import check_hub_export
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from geoloc.data import make_eval_loader, resolve_shards
+    from geoloc.export import load_model_dir
+    from geoloc.hf_model import GeolocModel
+    from geoloc.predict import predict
+    from geoloc.preprocess import Preprocessor
+
+    model_dir = trained_run / "model"
+    loaded, hub = load_model_dir(model_dir), GeolocModel.from_pretrained(model_dir)
+    assert hub.loaded.index is not None
+    runs, urls = [], resolve_shards(str(tiny_shards), "val")
+    try:
+        for model, decoder in ((loaded.model, loaded.decoder()), (hub, hub.decoder())):
+            loader = make_eval_loader(urls, batch_size=4, encoder=loaded.encoder)
+            pre = Preprocessor(**loaded.preprocess)
+            runs.append(predict(model, loader, pre, Accelerator(cpu=True), decoder=decoder, progress=False))
+    finally:
+        AcceleratorState._reset_state(True)
+    want, got = runs
+    assert len(got) == 12 and list(got.sample_id) == list(want.sample_id)
+    assert got.values.keys() == want.values.keys()
+    assert all(np.array_equal(got.values[k], want.values[k], equal_nan=True) for k in want.values)
+    check_hub_export(model_dir)

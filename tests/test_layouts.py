@@ -96,6 +96,7 @@ def test_infer_and_eval_on_every_layout(world, layouts, model_dir, reference, tm
         assert got["context"]["processes"] == world
         for key in ("score", "cls_score", "gps_score", "top1_acc", "mean_km", "n"):
             assert got[key] == pytest.approx(report[key], abs=1e-9), (label, name, key)  # same batch shapes
+        assert got["embeddings"] == report["embeddings"] and got["embeddings"]["of"] == 12  # each sample once
 
 
 @pytest.mark.slow

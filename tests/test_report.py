@@ -65,3 +65,92 @@ def test_map_without_the_boundary_file_warns_and_still_renders(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="without state outlines"):
         path = report.plot_map(PRED, TRUE, CENTROIDS, NAMES, tmp_path / "map.png")
     assert path.stat().st_size > 0 and spy[0]["rings"] == []
+
+
+# ----------------------------------------------------------------------------- embeddings picture
+
+
+def _clusters(n: int, classes: int = 3, dim: int = 16, seed: int = 0):
+    """``n`` points in ``classes`` well separated clusters: (N, D) float32 and (N,) classes."""
+    rng = np.random.default_rng(seed)
+    cls = np.arange(n) % classes
+    centres = rng.normal(scale=10.0, size=(classes, dim))
+    return (centres[cls] + rng.normal(size=(n, dim))).astype(np.float32), cls
+
+
+@pytest.fixture
+def projected(monkeypatch):
+    """Every input ``project_2d`` receives."""
+    calls = []
+    original = report.project_2d
+
+    def record(x, seed=0):
+        calls.append(np.array(x))
+        return original(x, seed)
+
+    monkeypatch.setattr(report, "project_2d", record)
+    return calls
+
+
+def test_subsample_is_deterministic_and_capped():
+    assert np.array_equal(report.subsample(7, 10), np.arange(7))
+    a, b = report.subsample(20_000, 5000), report.subsample(20_000, 5000)
+    assert np.array_equal(a, b) and len(np.unique(a)) == 5000 and np.all(np.diff(a) > 0)
+    assert not np.array_equal(a, report.subsample(20_000, 5000, seed=1))
+
+
+def test_embedding_picture_plots_every_point_and_names_the_frequent_states(tmp_path, projected, monkeypatch):
+    monkeypatch.setattr(report, "EMBEDDING_LEGEND", 2)
+    emb, cls = _clusters(60)
+    cls[:30] = 0  # class 0 the most frequent, then 1 (15 of the others), then 2
+    path = tmp_path / "embeddings.png"
+    info = report.plot_embeddings(emb, cls, NAMES, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert info == {"points": 60, "of": 60, "method": "t-SNE", "legend": ["Colorado", "Illinois"]}
+    (x,) = projected
+    np.testing.assert_array_equal(x, emb)
+
+
+def test_embedding_picture_subsamples_beyond_the_cap_deterministically_and_skips_nan(tmp_path, projected):
+    emb, cls = _clusters(40)
+    emb[5] = np.nan  # a sample without any view
+    first = report.plot_embeddings(emb, cls, NAMES, tmp_path / "a.png", cap=25)
+    second = report.plot_embeddings(emb, cls, NAMES, tmp_path / "b.png", cap=25)
+    assert first["points"] == 25 and first["of"] == 39 and first == second
+    assert len(projected) == 2 and projected[0].shape == (25, 16)
+    np.testing.assert_array_equal(projected[0], projected[1])  # the same rows both times
+    kept = np.delete(emb, 5, axis=0)[report.subsample(39, 25)]
+    np.testing.assert_array_equal(projected[0], kept)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_projection_separates_clusters_and_falls_back_to_pca_for_a_few_points():
+    emb, cls = _clusters(45)
+    xy, method = report.project_2d(emb)
+    assert method == "t-SNE" and xy.shape == (45, 2)
+    centres = np.stack([xy[cls == c].mean(0) for c in range(3)])
+    spread = max(np.linalg.norm(xy[cls == c] - centres[c], axis=1).mean() for c in range(3))
+    gaps = [np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i + 1, 3)]
+    assert min(gaps) > 2 * spread  # the three clusters stay apart in 2-D
+    for n in (1, 2, 4):
+        xy, method = report.project_2d(emb[:n])
+        assert method == "PCA" and xy.shape == (n, 2) and np.isfinite(xy).all()
+
+
+def test_write_report_draws_the_embeddings_only_when_given(tmp_path):
+    from geoloc.labels import LabelEncoder
+    from geoloc.predict import Predictions
+
+    encoder = LabelEncoder((3, 7, 40), tuple(NAMES))
+    emb, cls = _clusters(12)
+    probs = np.eye(3, dtype=np.float32)[cls]
+    latlon = CENTROIDS[cls].astype(np.float32)
+    ids = np.array([f"s{i:02d}" for i in range(12)], dtype=object)
+    base = {"sample_id": ids, "label": cls.astype(np.int64), "latlon": latlon, "n_views": np.full(12, 4)}
+    with_emb = Predictions(**base, values={"state_probs": probs, "gps": latlon, "embedding": emb})
+    got = report.write_report(tmp_path / "a", with_emb, encoder, CENTROIDS)
+    assert (tmp_path / "a" / "embeddings.png").is_file() and got["pictures"]["embeddings"] == "embeddings.png"
+    assert got["embeddings"]["points"] == 12 and got["embeddings"]["method"] == "t-SNE"
+    plain = Predictions(**base, values={"state_probs": probs, "gps": latlon})
+    got = report.write_report(tmp_path / "b", plain, encoder, CENTROIDS)
+    assert not (tmp_path / "b" / "embeddings.png").exists() and "embeddings" not in got

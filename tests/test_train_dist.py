@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hub_checks import check_hub_export
 from _train_helpers import (
     ENV,
     REPO,
@@ -79,6 +80,7 @@ def _check_two_rank_run(run_dir, distributed_type: str) -> dict:
     x = torch.zeros(2, 4, 3, *(loaded.preprocess["image_size"],) * 2)
     out = loaded.model(x, torch.ones(2, 4, dtype=torch.bool))
     assert torch.isfinite(out["state"]).all() and torch.isfinite(out["gps"]).all()
+    check_hub_export(run_dir / "model")  # config.json, the card, from_pretrained == load_model_dir
     return {step: r["val/score"] for step, r in val.items()}
 
 

@@ -83,6 +83,12 @@ def test_export_reloads_on_cpu_and_reproduces_the_best_val_score(full_run, tiny_
     assert metrics["score"] == pytest.approx(best, abs=1e-6)
 
 
+def test_export_is_a_hub_model_with_a_card_of_the_run(full_run):
+    from _hub_checks import check_hub_export
+
+    check_hub_export(full_run[0] / "model")
+
+
 def test_resume_after_an_interruption_follows_the_uninterrupted_run(full_run, tmp_path):
     run_dir, args = full_run
     resumed = tmp_path / "resumed"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+AVERAGED = ("state_probs", "gps")  # the decoded values an ensemble averages over its members
+
 
 def normalise_weights(weights, n: int) -> list[float]:
     """``None`` -> equal weights; else ``n`` non-negative numbers with a positive sum, scaled to sum 1."""
@@ -72,10 +74,12 @@ class Ensemble(nn.Module):
         if len(outs) == 1:  # exactly the member's output: no re-summing
             return outs[0]
         # float64 sums: a model averaged with itself rounds back to exactly its own float32 outputs
-        return {
-            key: sum(w * o[key].double() for w, o in zip(self.weights, outs)).float()
-            for key in ("state_probs", "gps")
+        averaged = {
+            key: sum(w * o[key].double() for w, o in zip(self.weights, outs)).float() for key in AVERAGED
         }
+        # values passed through by a decoder (e.g. the fused embedding, whose width differs between
+        # members) are not averaged: the first member's are handed on
+        return {**{k: v for k, v in outs[0].items() if k not in AVERAGED}, **averaged}
 
 
 def identity(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The evaluation report of ``infer.py --eval``: ``report.json`` plus three pictures.
+"""The evaluation report of ``infer.py --eval``: ``report.json`` plus four pictures.
 
 ``report.json`` holds every number of ``geoloc.predict.evaluate`` (the competition score, its parts and the
 extra metrics) at the top level, so it matches the trainer's val metrics key for key, plus the run's
@@ -6,6 +6,9 @@ context. Pictures: the state confusion matrix, predicted vs true points on lat/l
 outlines (the Census boundary file shipped in ``plotly-geo``, via ``geoloc.geography``, simplified to
 ``OUTLINE_TOLERANCE_DEG`` for speed) with the state centroids labelled, and the histogram of errors in km.
 The map shows the data's extent plus a margin, so Alaska and Hawaii appear only when the data go there.
+When the predictions carry the fused embeddings (``values["embedding"]``, which ``--eval`` asks for),
+``embeddings.png`` shows their 2-D t-SNE coloured by true state: do samples of one state cluster, which
+states mix? Beyond ``EMBEDDING_POINTS`` samples a seeded random subsample is drawn (the title says so).
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ REPORT_JSON = "report.json"
 PICTURES = {"confusion": "confusion.png", "map": "map.png", "errors": "errors_km.png"}
 OUTLINE_TOLERANCE_DEG = 0.05  # ~5 km: invisible at report size, 10x fewer vertices than the file
 MAP_MARGIN_DEG = 2.0
+EMBEDDING_PICTURE = "embeddings.png"
+EMBEDDING_POINTS = 5000  # t-SNE cost grows ~N log N (5,000 x 768-d: ~2 min on 2 busy cores); more: subsampled
+EMBEDDING_LEGEND = 12  # states named in the legend: the most frequent among the points drawn
+PCA_DIMS = 50  # t-SNE runs on the first principal components (the usual first step; much faster)
 
 
 def confusion_matrix(true_cls: np.ndarray, pred_cls: np.ndarray, num_classes: int) -> np.ndarray:
@@ -144,6 +151,81 @@ def plot_errors(km: np.ndarray, path: Path) -> Path:
     return path
 
 
+def subsample(n: int, cap: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``cap`` of ``n`` rows: all of them, or a seeded random choice (so the
+    same predictions, sorted by sample id, always give the same points)."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+def project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """``(N, D) -> (N, 2)`` and the method's name: t-SNE (after PCA to ``PCA_DIMS``), or plain PCA for
+    fewer than 5 points (t-SNE's perplexity needs more)."""
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    if n < 5:
+        xy = np.zeros((n, 2))
+        if n > 1:
+            pcs = PCA(n_components=min(2, n - 1, x.shape[1])).fit_transform(x)  # (N, <=2)
+            xy[:, : pcs.shape[1]] = pcs
+        return xy, "PCA"
+    from sklearn.manifold import TSNE
+
+    if x.shape[1] > PCA_DIMS and n > PCA_DIMS:
+        x = PCA(n_components=PCA_DIMS, random_state=seed).fit_transform(x)
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed)
+    return tsne.fit_transform(x), "t-SNE"
+
+
+def _state_colours(num_classes: int) -> np.ndarray:
+    """(C, 4) RGBA, distinct for up to 20 states, spread over a wide colour map beyond."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if num_classes <= 20 else "turbo"]
+    return cmap(np.arange(num_classes) if num_classes <= 20 else np.linspace(0, 1, num_classes))
+
+
+def plot_embeddings(
+    emb: np.ndarray,
+    classes: np.ndarray,
+    names: list[str],
+    path: Path,
+    cap: int = EMBEDDING_POINTS,
+    seed: int = 0,
+) -> dict:
+    """2-D projection of ``emb`` (N, D) coloured by true class (N,); rows with non-finite values (samples
+    without a view) are left out. Returns what was drawn: ``points``, ``of``, ``method``, ``legend``."""
+    plt = _pyplot()
+    ok = np.isfinite(emb).all(axis=1)
+    emb, classes = emb[ok], np.asarray(classes)[ok]
+    idx = subsample(len(emb), cap, seed)
+    xy, method = project_2d(emb[idx], seed)
+    cls = classes[idx]
+    counts = np.bincount(cls, minlength=len(names))
+    legend = [int(c) for c in np.argsort(-counts, kind="stable")[:EMBEDDING_LEGEND] if counts[c]]
+    colours = _state_colours(len(names))
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.scatter(xy[:, 0], xy[:, 1], s=6 if len(xy) > 1000 else 14, c=colours[cls], linewidths=0)
+    for c in legend:  # legend entries only: empty scatters in the states' colours
+        ax.scatter([], [], s=20, color=colours[c], label=f"{names[c]} ({counts[c]})")
+    drawn = f"{len(idx):,} of {len(emb):,} samples" + (
+        " (seeded random subsample)" if len(idx) < len(emb) else ""
+    )
+    ax.set_title(f"{method} of the fused embeddings, coloured by true state\n{drawn}", fontsize=10)
+    ax.set_xticks([]), ax.set_yticks([])
+    if legend:
+        title = f"{len(legend)} most frequent states" if len(legend) < (counts > 0).sum() else "states"
+        title += " (samples drawn)"
+        ax.legend(title=title, fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"points": len(idx), "of": len(emb), "method": method, "legend": [names[c] for c in legend]}
+
+
 def write_report(
     out_dir: str | Path, preds: Predictions, encoder, centroids, prior=None, context=None
 ) -> dict:
@@ -161,10 +243,17 @@ def write_report(
     plot_confusion(cm, names, out_dir / PICTURES["confusion"])
     plot_map(latlon, true, np.asarray(centroids, dtype=np.float64), names, out_dir / PICTURES["map"])
     plot_errors(km, out_dir / PICTURES["errors"])
+    pictures, extra = dict(PICTURES), {}
+    if "embedding" in lab.values:  # asked for by infer.py --eval (geoloc.infer.run)
+        extra["embeddings"] = plot_embeddings(
+            lab.values["embedding"], lab.label, names, out_dir / EMBEDDING_PICTURE
+        )
+        pictures["embeddings"] = EMBEDDING_PICTURE
     report = {
         **metrics,
         "confusion": {"states": list(encoder.state_indices), "names": names, "counts": cm.tolist()},
-        "pictures": dict(PICTURES),
+        "pictures": pictures,
+        **extra,
         "context": context or {},
     }
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))

@@ -82,21 +82,25 @@ def decode_overrides(args) -> dict:
     return {k: v for k, v in flags.items() if v is not None}
 
 
-def member_decoder(member: LoadedModel, args, device):
-    """The member's decoder: its recorded default (the one that won on val), with the flags' overrides."""
+def member_decoder(member: LoadedModel, args, device, passthrough: tuple[str, ...] = ()):
+    """The member's decoder: its recorded default (the one that won on val), with the flags' overrides;
+    ``passthrough``: raw outputs it hands on too (``("embedding",)`` for --eval's picture)."""
     from geoloc.config import ConfigError
 
     try:
         spec = member.decode_config(**decode_overrides(args))
     except ConfigError as err:
         raise InferError(str(err)) from None
-    return member.decoder(spec, device)  # a DecoderError (no cell head, no index) names the option
+    # a DecoderError (no cell head, no index) names the option
+    return member.decoder(spec, device, passthrough)
 
 
-def build_ensemble(members, accelerator, args, weights=None, temperatures=None) -> Ensemble:
+def build_ensemble(members, accelerator, args, weights=None, temperatures=None, embeddings=False) -> Ensemble:
+    """The members as one module; ``embeddings``: the first member's fused embedding comes out too."""
     device = accelerator.device
     pres = [member_preprocessor(m, device) for m in members]
-    decoders = [member_decoder(m, args, device) for m in members]
+    keep = [("embedding",) if embeddings and i == 0 else () for i in range(len(members))]
+    decoders = [member_decoder(m, args, device, k) for m, k in zip(members, keep)]
     return Ensemble([m.model for m in members], pres, decoders, weights, temperatures).eval()
 
 
@@ -164,8 +168,10 @@ def calibrate(args, members, accelerator) -> list[float]:
     return temps
 
 
-def run_models(args, members, loader, accelerator, temperatures=None) -> Predictions:
-    model = build_ensemble(members, accelerator, args, args.weights, temperatures)
+def run_models(args, members, loader, accelerator, temperatures=None, embeddings=False) -> Predictions:
+    """Predict ``loader`` with the ensemble; ``embeddings`` adds ``values["embedding"]`` (N, D') (--eval
+    only: ~3 KB a sample gathered on every rank)."""
+    model = build_ensemble(members, accelerator, args, args.weights, temperatures, embeddings)
     # every forward padded to --batch-size: a sample's outputs then do not depend on the batch or rank it
     # fell in (CPU kernels round per shape), so any number of processes gives bit-identical results
     return predict(
@@ -232,7 +238,7 @@ def run_eval(args) -> int:
     split = args.split or "val"
     check_labels(data, split, encoder, labelled=True)  # up front, not deep in a DataLoader worker
     loader = shard_loader(args, data, split, accelerator, encoder)
-    preds = run_models(args, members, loader, accelerator, temps)
+    preds = run_models(args, members, loader, accelerator, temps, embeddings=True)  # for embeddings.png
     if not accelerator.is_main_process:
         return 0
     context = {

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file accelerate_configs/4xa100.yaml train.py --config cfg.yaml \
         --shards shards/ --output-dir runs/exp1 [--preset smoke] [--phase both] [--resume latest] \
-        [--report-to wandb] [model.backbone=/path/to/clip train.epochs_frozen=3 ...]
+        [--report-to wandb] [--push-to-hub OWNER/NAME] [model.backbone=/path/to/clip train.epochs_frozen=3 ...]
 
 Only argparse and the config module are imported before the flags are parsed, so ``--help`` answers at
 once; torch, transformers and DeepSpeed load when the run starts.
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from geoloc.config import PRESETS, ConfigError, load_config
+from geoloc.hub import HubError, check_push_target
 from geoloc.writable import OutputPathError, check_dir_writable
 
 PHASES = ("both", "frozen", "finetune")
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="debugging/tests: end the run abruptly after K optimiser updates in total, as a "
         "crash would (no extra checkpoint is written); 0 = off",
     )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="OWNER/NAME",
+        help="after training, upload RUN/model (weights, config.json, model card README.md, index) to this "
+        "Hugging Face model repository (geoloc.hub); checked at start-up: needs a token and no offline mode",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, args.preset)
         check_dir_writable(args.output_dir, "--output-dir")  # before hours of work, not at the first save
-    except (ConfigError, OutputPathError) as err:
+        token = check_push_target(args.push_to_hub) if args.push_to_hub else None  # idem: not after training
+    except (ConfigError, OutputPathError, HubError) as err:
         parser.error(str(err))
     from geoloc.distributed import is_timeout, shutdown, timeout_message
     from geoloc.errors import GeolocError, RunInterrupted
@@ -140,6 +148,24 @@ def main(argv: list[str] | None = None) -> int:
               f"  ({str(err).splitlines()[0][:300]})", file=sys.stderr)  # fmt: skip
         return 1
     shutdown()
+    if args.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        return push_after_training(args.output_dir / "model", args.push_to_hub, token)
+    return 0
+
+
+def push_after_training(model_dir: Path, repo_id: str, token: str) -> int:
+    """Upload the exported model (main process only, after every collective); 1 with a message on failure."""
+    from geoloc.hub import push_model_dir
+
+    if not model_dir.is_dir():
+        print(f"train.py: error: --push-to-hub: no model was exported to {model_dir}", file=sys.stderr)
+        return 1
+    try:
+        url = push_model_dir(model_dir, repo_id, token=token)
+    except HubError as err:
+        print(f"train.py: error: --push-to-hub: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {model_dir} to {repo_id}: {url}")
     return 0
 
 

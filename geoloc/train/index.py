@@ -96,6 +96,7 @@ def save_index(model_dir: Path, index, decoder: dict, table: list[dict]) -> str:
     """``model_dir/index/`` (written aside, then renamed) and geoloc.json's decoder, table and index hash."""
     from geoloc.export import INDEX_DIR, META
     from geoloc.fileio import file_sha256
+    from geoloc.model_card import write_model_card
 
     tmp, final = model_dir / f".{INDEX_DIR}.tmp-{os.getpid()}", model_dir / INDEX_DIR
     shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +109,7 @@ def save_index(model_dir: Path, index, decoder: dict, table: list[dict]) -> str:
     tmp_meta = model_dir / f".{META}.tmp-{os.getpid()}"
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, model_dir / META)  # the index is in place before geoloc.json names it
+    write_model_card(model_dir)  # again: the card now shows the decoder table
     return digest
 
 

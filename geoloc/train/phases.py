@@ -99,6 +99,7 @@ def export_best(
 ) -> None:
     """Write RUN/model/ from the current (best) weights; every rank calls (ZeRO-3 gathers)."""
     from geoloc.export import save_model_dir, vision_config_dict
+    from geoloc.model_card import data_summary
 
     # under DeepSpeed bf16 these are the bf16 module weights, not the fp32 master copy the optimiser holds
     weights = phase.full_state()
@@ -110,7 +111,8 @@ def export_best(
             centroids=ctx.labels.centroids.numpy(), prior=ctx.labels.prior, cells=ctx.labels.cells,
             extra={"val": metrics, "phase": phase.name, "epoch": state.epoch, "global_step": state.global_step,
                    "num_processes": ctx.accelerator.num_processes,
-                   "distributed_type": str(ctx.accelerator.distributed_type)},
+                   "distributed_type": str(ctx.accelerator.distributed_type),
+                   "data": data_summary(ctx.manifest)},  # for the model card (geoloc.model_card)
         )  # fmt: skip
     ctx.accelerator.wait_for_everyone()
 
