@@ -74,7 +74,9 @@ def start_ranks(setup: Setup) -> int:
     from geoloc.train.context import RunOptions
     from geoloc.train.engine import make_accelerator
 
-    rank = make_accelerator(setup.base, RunOptions(shards=setup.shards, output_dir=setup.study_dir)).process_index
+    rank = make_accelerator(
+        setup.base, RunOptions(shards=setup.shards, output_dir=setup.study_dir)
+    ).process_index
     AcceleratorState._reset_state(True)
     return rank
 
