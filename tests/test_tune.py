@@ -8,9 +8,12 @@ one or two updates), a few seconds each.
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 
+import optuna
 import pytest
 from _train_helpers import REPO, check, launch, launcher, read_metrics, val_records
 
@@ -31,8 +34,6 @@ def tune_args(shards, clip, out, cache, *extra) -> list[str]:
 
 
 def load(out, name="geoloc"):
-    import optuna
-
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 
 
@@ -98,8 +99,6 @@ def test_apply_params_sets_nested_keys_and_names_a_bad_one():
 
 
 def test_suggest_draws_every_key_from_the_trial():
-    import optuna
-
     from geoloc.tune.space import suggest
 
     fixed = {"train.head_lr": 3e-3, "model.fusion": "attention"}
@@ -146,15 +145,13 @@ def _scripted(study, curves: list[list[float]]):
         for step, value in enumerate(curve, start=1):
             trial.report(value, step)
             if trial.should_prune():
-                study.tell(trial, state=__import__("optuna").trial.TrialState.PRUNED)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 break
         else:
             study.tell(trial, curve[-1])
 
 
 def test_median_rule_prunes_a_worse_trial_after_start_up_and_warm_up():
-    import optuna
-
     from geoloc.tune.pruning import MedianOrFloorPruner
 
     study = optuna.create_study(direction="maximize", pruner=MedianOrFloorPruner(startup=2, warmup=1))
@@ -165,8 +162,6 @@ def test_median_rule_prunes_a_worse_trial_after_start_up_and_warm_up():
 
 
 def test_floor_prunes_only_after_start_up_and_warm_up():
-    import optuna
-
     from geoloc.tune.pruning import MedianOrFloorPruner
 
     study = optuna.create_study(
@@ -210,7 +205,9 @@ def test_the_loop_reports_every_epoch_prunes_records_failures_and_stops_after_re
         return tmp_path / str(number)
 
     monkeypatch.setattr(study_mod, "run_trial", fake_run)
-    monkeypatch.setattr(study_mod, "trial_result", lambda out, kind: (curves[int(out.name.split("-")[1])][-1], {}))
+    monkeypatch.setattr(
+        study_mod, "trial_result", lambda out, kind: (curves[int(out.name.split("-")[1])][-1], {})
+    )
     setup = fake_setup(tmp_path)
     opts = StudyOptions(f"sqlite:///{tmp_path / 'db'}", "geoloc", n_trials=10, keys=("train.head_lr",),
                         prune_startup=2, prune_warmup=0)  # fmt: skip
@@ -222,6 +219,17 @@ def test_the_loop_reports_every_epoch_prunes_records_failures_and_stops_after_re
     assert trials[0].params == {"train.head_lr": 1e-3} and trials[0].user_attrs["baseline"]  # the base config
     assert trials[3].user_attrs["error"] == "non-finite loss (scripted)"
     assert trials[1].intermediate_values == {1: 0.55, 2: 0.65}
+
+
+def test_timeout_starts_no_trial_after_it(tmp_path, monkeypatch):
+    from geoloc.tune import study as study_mod
+    from geoloc.tune.study import StudyOptions, lead, open_study
+
+    monkeypatch.setattr(study_mod, "run_trial", lambda setup, number, params, on_epoch: time.sleep(0.6))
+    monkeypatch.setattr(study_mod, "trial_result", lambda out, kind: (0.5, {}))
+    setup = fake_setup(tmp_path)
+    opts = StudyOptions(f"sqlite:///{tmp_path / 'db'}", "geoloc", 10, ("train.head_lr",), timeout_s=0.5)
+    assert lead(open_study(opts, setup), opts, setup) == 1  # a trial of 0.6 s: none starts after it
 
 
 def test_joining_a_study_of_other_settings_is_refused_naming_the_keys(tmp_path):
@@ -373,13 +381,13 @@ def test_pruned_trials_stop_after_their_epoch_and_the_next_trial_runs(
 
 
 def test_build_index_makes_the_winning_decoder_the_objective(tiny_shards, tiny_clip_dir, cache_dir, tmp_path):
-    out = tmp_path / "out"
-    assert (
-        run_tune(tune_args(tiny_shards, tiny_clip_dir, out, cache_dir, "--n-trials", "1", "--build-index"))
-        == 0
-    )
-    trial = load(out).trials[0]
-    meta = json.loads((out / "geoloc" / "trial-0000" / "model" / "geoloc.json").read_text())
+    out, db = tmp_path / "out", tmp_path / "elsewhere.db"
+    args = tune_args(tiny_shards, tiny_clip_dir, out, cache_dir, "--n-trials", "1", "--build-index",
+                     "--storage", f"sqlite:///{db}", "--study-name", "indexed")  # fmt: skip
+    assert run_tune(args) == 0
+    trial = optuna.load_study(study_name="indexed", storage=f"sqlite:///{db}").trials[0]
+    assert not (out / "study.db").exists()  # the study lives where --storage says
+    meta = json.loads((out / "indexed" / "trial-0000" / "model" / "geoloc.json").read_text())
     assert trial.value == max(row["score"] for row in meta["decoders_val"])
     assert trial.user_attrs["decoder"] == meta["decoder"]
 
@@ -396,7 +404,7 @@ def test_wandb_runs_are_grouped_by_study(tiny_shards, tiny_clip_dir, cache_dir, 
     assert len(runs) == 1
     record = next(runs[0].glob("*.wandb")).read_bytes()
     assert b"grouped-study-x7" in record and b"grouped-study-x7-trial-0" in record  # group and name
-    assert "WANDB_RUN_GROUP" not in __import__("os").environ  # restored after the trial
+    assert "WANDB_RUN_GROUP" not in os.environ  # restored after the trial
 
 
 # ----------------------------------------------------------------------------- crash and resume
