@@ -221,15 +221,19 @@ def test_the_loop_reports_every_epoch_prunes_records_failures_and_stops_after_re
     assert trials[1].intermediate_values == {1: 0.55, 2: 0.65}
 
 
-def test_timeout_starts_no_trial_after_it(tmp_path, monkeypatch):
+def test_timeout_starts_no_trial_after_it_and_a_leftover_run_dir_is_moved_aside(tmp_path, monkeypatch):
     from geoloc.tune import study as study_mod
     from geoloc.tune.study import StudyOptions, lead, open_study
 
     monkeypatch.setattr(study_mod, "run_trial", lambda setup, number, params, on_epoch: time.sleep(0.6))
     monkeypatch.setattr(study_mod, "trial_result", lambda out, kind: (0.5, {}))
     setup = fake_setup(tmp_path)
+    (setup.study_dir / "trial-0000").mkdir(parents=True)  # left by an earlier study of that name
+    (setup.study_dir / "trial-0000" / "metrics.jsonl").write_text("{}\n")
     opts = StudyOptions(f"sqlite:///{tmp_path / 'db'}", "geoloc", 10, ("train.head_lr",), timeout_s=0.5)
     assert lead(open_study(opts, setup), opts, setup) == 1  # a trial of 0.6 s: none starts after it
+    stale = list(setup.study_dir.glob("trial-0000.stale-*"))  # moved aside, never appended to
+    assert len(stale) == 1 and (stale[0] / "metrics.jsonl").read_text() == "{}\n"
 
 
 def test_joining_a_study_of_other_settings_is_refused_naming_the_keys(tmp_path):

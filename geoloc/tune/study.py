@@ -117,10 +117,20 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+def move_aside(out: Path) -> Path:
+    """``out``, free: a directory left there by a study of the same name in another storage (or one
+    deleted and started again) is renamed ``<name>.stale-<time>``, not appended to."""
+    if out.exists():
+        stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(stale)
+        print(f"tune: {out} was there already (another study of that name?); moved to {stale.name}")
+    return out
+
+
 def objective(setup: Setup, keys, trial) -> float:
     """Rank 0's side of one trial: draw, hand out, train, read the score; attrs record the run."""
     params = suggest(trial, list(keys))
-    out = run_dir(setup, trial.number)
+    out = move_aside(run_dir(setup, trial.number))
     trial.set_user_attr("run_dir", str(out.resolve()))
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("baseline", params == baseline(setup.base, list(keys)))
