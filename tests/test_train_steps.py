@@ -185,7 +185,7 @@ def _fake_ctx(patience: int, zero_stage: int = 0, ds_config: dict | None = None)
     from types import SimpleNamespace as NS
 
     cfg = load_config(None, [f"train.patience={patience}", "train.grad_accum=2"])
-    calls = {"saved": [], "logged": []}
+    calls = {"saved": [], "logged": [], "reported": []}
     plugin = NS(deepspeed_config=ds_config or {}, zero_stage=zero_stage)
     ctx = NS(
         cfg=cfg,
@@ -193,6 +193,8 @@ def _fake_ctx(patience: int, zero_stage: int = 0, ds_config: dict | None = None)
         tracker=NS(log=lambda metrics, step: calls["logged"].append(metrics)),
         checkpoints=NS(save=lambda tag, state, parts: calls["saved"].append(dict(state))),
         zero_stage=zero_stage,
+        # RunOptions.on_epoch (the tuner's hook), with how many checkpoints were written when it was called
+        opts=NS(on_epoch=lambda ph, e, m: calls["reported"].append((ph, e, m["score"], len(calls["saved"])))),
     )
     return ctx, calls
 
@@ -213,6 +215,8 @@ def test_epoch_end_exports_only_improvements_and_stops_after_patience():
     assert state.epoch == 5 and state.best_score == 0.6  # epochs 4 and 5 did not improve: patience 2
     assert [s["epoch"] for s in calls["saved"]] == [1, 2, 3, 4, 5]  # a checkpoint after every epoch
     assert calls["saved"][-1]["finished"] and calls["logged"][-1]["val/best_score"] == 0.6
+    # the hook: once per epoch, with that epoch's metrics, after its checkpoint
+    assert calls["reported"] == [("finetune", e, s, e) for e, s in enumerate([0.5, 0.4, 0.6, 0.55, 0.58], 1)]
 
 
 def test_deepspeed_config_gets_batch_sizes_buckets_and_zero3_gathering():

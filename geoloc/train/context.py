@@ -8,6 +8,7 @@ receive a :class:`RunContext` and never look at argv or global state.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class RunOptions:
     report_to: str = "none"  # none | wandb
     stop_after_steps: int = 0  # >0: stop abruptly after this many optimiser updates (tests)
     manifest: str | None = None  # manifest.json when the shards are URLs (default: beside the shards)
+    # called on every rank after each epoch's validation and checkpoint as (phase, epoch (1-based, within
+    # the phase), val metrics): the tuner reports there and may raise (optuna.TrialPruned) to end the run;
+    # the exception leaves run() after the tracker is finished
+    on_epoch: Callable[[str, int, dict], None] | None = None
 
     @property
     def phases(self) -> tuple[str, ...]:

@@ -215,7 +215,8 @@ def save_checkpoint(ctx: RunContext, phase: Phase, state: TrainState):
 
 
 def end_of_epoch(ctx: RunContext, phase: Phase, state: TrainState, export) -> None:
-    """Validate (EMA weights if any), export when the score improves, early stopping, checkpoint."""
+    """Validate (EMA weights if any), export when the score improves, early stopping, checkpoint, then
+    ``opts.on_epoch`` (the tuner's report; it may raise to end the run)."""
     with phase.ema.apply_to(phase.model) if phase.ema is not None else nullcontext():
         metrics = phase.validate()
         improved = state.best_score is None or metrics["score"] > state.best_score
@@ -231,6 +232,8 @@ def end_of_epoch(ctx: RunContext, phase: Phase, state: TrainState, export) -> No
         tqdm.write(f"[{phase.name} epoch {state.epoch}/{phase.epochs}] val score {metrics['score']:.4f} "
                    f"(best {state.best_score:.4f})" + (" -> exported" if improved else ""))  # fmt: skip
     save_checkpoint(ctx, phase, state)
+    if ctx.opts.on_epoch is not None:  # the same metrics on every rank (validation gathers them)
+        ctx.opts.on_epoch(phase.name, state.epoch, metrics)
 
 
 def run_phase(ctx: RunContext, phase: Phase, state: TrainState, export) -> TrainState:
