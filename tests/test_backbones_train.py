@@ -107,17 +107,17 @@ def test_infer_writes_a_valid_submission_from_the_export(
     assert validate_submission(out, template) == []
 
 
-# ----------------------------------------------------------------------------- two ranks
+# ----------------------------------------------------------------------------- DDP and DeepSpeed
 
 
-def _check_two_ranks(run, distributed_type: str, pooling: str) -> None:
+def _check_ranks(run, distributed_type: str, pooling: str, ranks: int = 2) -> None:
+    """Both phases trained and validated on ``ranks`` processes; the export reloads on the CPU."""
     meta = export_meta(run)
-    assert meta["extra"]["num_processes"] == 2 and meta["extra"]["distributed_type"].endswith(
-        distributed_type
-    )
+    assert meta["extra"]["num_processes"] == ranks
+    assert meta["extra"]["distributed_type"].endswith(distributed_type)
     assert meta["pooling"] == pooling
     assert {r["phase_index"] for r in read_metrics(run) if "train/loss" in r} == {1, 2}
-    assert all(r["val/n"] == 12 for r in val_records(run).values())  # every val sample once over 2 ranks
+    assert all(r["val/n"] == 12 for r in val_records(run).values())  # every val sample once over the ranks
     loaded = load_model_dir(run / "model")
     with torch.no_grad():
         out = loaded.model(torch.zeros(2, 4, 3, 56, 56), torch.ones(2, 4, dtype=torch.bool))
@@ -133,7 +133,7 @@ def test_ddp_two_ranks_fine_tune_the_whole_backbone(family, pooling, request, la
     args = train_args(layouts["one"], source, tmp_path / "run", tmp_path / "cache", *SHORT,
                       f"model.pooling={pooling}", "train.eval_batch_size=5")  # fmt: skip
     check(run_train(args, kind="ddp"))
-    _check_two_ranks(tmp_path / "run", "MULTI_CPU", pooling)
+    _check_ranks(tmp_path / "run", "MULTI_CPU", pooling)
     assert (
         len([r for r in read_metrics(tmp_path / "run") if r.get("phase_index") == 2 and "train/loss" in r])
         >= 2
@@ -150,4 +150,14 @@ def test_deepspeed_two_ranks_train_a_siglip_backbone(stage, tiny_siglip_dir, tin
                       "model.pooling=projection", "train.unfreeze_last_n=1", "train.layer_decay=0.8",
                       "train.batch_size=4", "train.finetune_batch_size=4", "train.eval_batch_size=5")  # fmt: skip
     check(run_train(args, kind=f"zero{stage}"))
-    _check_two_ranks(tmp_path / "run", "DEEPSPEED", "projection")
+    _check_ranks(tmp_path / "run", "DEEPSPEED", "projection")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_one_rank_trains_a_dinov2_backbone(stage, tiny_dinov2_dir, tiny_shards, tmp_path):
+    """A launched single-process DeepSpeed run, the last block unfrozen with layer decay."""
+    args = train_args(tiny_shards, tiny_dinov2_dir, tmp_path / "run", tmp_path / "cache", *SHORT,
+                      *RUNS["dinov2"], "train.batch_size=4", "train.finetune_batch_size=4")  # fmt: skip
+    check(run_train(args, kind=f"zero{stage}", nproc=1))
+    _check_ranks(tmp_path / "run", "DEEPSPEED", "cls", ranks=1)
