@@ -1,7 +1,10 @@
-"""The CLIP vision backbone: loading (hub id or local dir), pooling, and what phase 2 unfreezes.
+"""The vision backbone (CLIP, DINOv2 or SigLIP): loading (hub id or local dir), pooling, what phase 2
+unfreezes, checkpointing.
 
-``transformers`` is imported inside functions only: importing it takes seconds and CLI ``--help`` must
-stay fast. Every dimension comes from the checkpoint's config.
+What differs between the families lives in ``geoloc.families`` (one small adapter each); this module is
+the interface the model, the trainer and the export use. ``transformers`` is imported inside functions
+only: importing it takes seconds and CLI ``--help`` must stay fast. Every dimension comes from the
+checkpoint's config.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ import torch
 from torch import nn
 
 from geoloc.config import POOLINGS
+from geoloc.families import Family, family_of
 
 log = logging.getLogger(__name__)
 
 
-class ClipBackbone(nn.Module):
-    """A transformers CLIP vision model plus the pooling that turns an image into one vector."""
+class VisionBackbone(nn.Module):
+    """A transformers vision model plus the pooling that turns an image into one vector."""
 
-    def __init__(self, hf_model: nn.Module, pooling: str):
+    def __init__(self, hf_model: nn.Module, pooling: str, family: Family | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}: choose one of {list(POOLINGS)}")
-        self.model = hf_model  # CLIPVisionModelWithProjection for "projection", else CLIPVisionModel
+        self.model = hf_model  # e.g. CLIPVisionModelWithProjection for "projection", else CLIPVisionModel
         self.pooling = pooling
+        self.family = family or family_of(hf_model.config.model_type, type(hf_model).__name__)
+        self.family.check_pooling(pooling, type(hf_model).__name__)
 
     @property
     def config(self):
@@ -36,59 +42,59 @@ class ClipBackbone(nn.Module):
 
     @property
     def vision_model(self) -> nn.Module:
-        """The CLIPVisionModel (embeddings, encoder, post-layernorm) inside either wrapper."""
-        return getattr(self.model, "vision_model", self.model)
+        """The module holding embeddings, encoder and final norm (CLIPVisionModel inside either wrapper)."""
+        return self.family.inner(self.model)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, D)
-        # other sizes (e.g. TTA scales) need interpolated position embeddings; the native size does not
-        interpolate = tuple(pixels.shape[-2:]) != (self.image_size, self.image_size)
-        out = self.model(pixel_values=pixels, interpolate_pos_encoding=interpolate)
-        if self.pooling == "projection":
-            return out.image_embeds
-        if self.pooling == "cls":
-            return out.pooler_output  # CLS token after post-layernorm
-        return out.last_hidden_state[:, 1:].mean(dim=1)  # mean of the patch tokens (PIGEON)
+        out = self.model(pixel_values=pixels, **self.family.forward_kwargs(pixels, self.model.config))
+        return self.family.pool(out, self.pooling)
 
 
-def _hf_class(pooling: str):
-    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
-
-    return CLIPVisionModelWithProjection if pooling == "projection" else CLIPVisionModel
+ClipBackbone = VisionBackbone  # its name before DINOv2 and SigLIP
 
 
-def _embed_dim(vision_config, pooling: str) -> int:
-    return vision_config.projection_dim if pooling == "projection" else vision_config.hidden_size
+def _hf_class(family: Family, pooling: str):
+    import transformers
+
+    return getattr(transformers, family.model_class(pooling))
 
 
-def _vision_config(name_or_path: str):
-    """The vision config of a CLIPModel or CLIP vision checkpoint, with the right ``projection_dim``.
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What a config's ``from_dict`` raises on a bad value: recent releases validate each field with
+    huggingface_hub's strict dataclasses, whose error is no ValueError."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs do not validate
+        return (TypeError, ValueError)
+    return (TypeError, ValueError, StrictDataclassError)
 
-    A full CLIPModel dir may save a vision_config without ``projection_dim`` (the 512 default then
-    appears and loading the projection fails on a size mismatch): the top-level value is the truth.
-    """
+
+def checkpoint_family(name_or_path: str):
+    """``(family, full config)`` of a checkpoint (hub id or dir), from its config.json alone."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_path)
-    if hasattr(config, "vision_config"):  # full CLIPModel checkpoint
-        vision = config.vision_config
-        vision.projection_dim = config.projection_dim
-        return vision
-    if config.model_type != "clip_vision_model":
-        raise ValueError(f"{name_or_path}: not a CLIP checkpoint (model_type={config.model_type!r})")
-    return config
+    return family_of(config.model_type, f"model.backbone={name_or_path}"), config
 
 
-def load_backbone(name_or_path: str, pooling: str) -> tuple[ClipBackbone, int]:
-    """Pretrained CLIP vision backbone from a hub id or local dir -> (module, view-embedding dim D)."""
+def _vision_config(name_or_path: str, pooling: str):
+    """The family and vision config of a checkpoint; a pooling the family has none of is refused here."""
+    family, config = checkpoint_family(name_or_path)
+    family.check_pooling(pooling, name_or_path)
+    return family, family.vision_config(config, pooling)
+
+
+def load_backbone(name_or_path: str, pooling: str) -> tuple[VisionBackbone, int]:
+    """Pretrained vision backbone from a hub id or local dir -> (module, view-embedding dim D)."""
     from transformers.utils import logging as hf_logging
 
-    vision = _vision_config(name_or_path)
-    # A full CLIPModel dir (StreetCLIP) also holds the text tower: transformers would print a table of
-    # ~200 "UNEXPECTED" keys. That is expected here; missing keys are what matter, and are checked below.
+    family, vision = _vision_config(name_or_path, pooling)
+    # A full CLIPModel / SiglipModel dir (StreetCLIP) also holds the text tower: transformers would print a
+    # table of ~200 "UNEXPECTED" keys. That is expected here; missing keys are what matter (checked below).
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        hf_model, info = _hf_class(pooling).from_pretrained(
+        hf_model, info = _hf_class(family, pooling).from_pretrained(
             name_or_path, config=vision, attn_implementation="sdpa", output_loading_info=True
         )
     finally:
@@ -100,16 +106,25 @@ def load_backbone(name_or_path: str, pooling: str) -> tuple[ClipBackbone, int]:
     if info["missing_keys"]:  # e.g. pooling "projection" from a checkpoint without a projection
         missing = sorted(info["missing_keys"])
         raise ValueError(f"{name_or_path}: weights missing for pooling={pooling!r}: {missing[:5]}")
-    return ClipBackbone(hf_model, pooling), _embed_dim(vision, pooling)
+    return VisionBackbone(hf_model, pooling, family), family.embed_dim(vision, pooling)
 
 
-def backbone_from_config(vision_config_dict: dict, pooling: str) -> tuple[ClipBackbone, int]:
-    """The same backbone with random weights from a saved vision config (no hub access needed)."""
-    from transformers import CLIPVisionConfig
+def backbone_from_config(vision_config_dict: dict, pooling: str) -> tuple[VisionBackbone, int]:
+    """The same backbone with random weights from a saved vision config (no hub access needed).
 
-    vision = CLIPVisionConfig.from_dict(dict(vision_config_dict))
-    hf_model = _hf_class(pooling)._from_config(vision, attn_implementation="sdpa")
-    return ClipBackbone(hf_model, pooling), _embed_dim(vision, pooling)
+    The dict's ``model_type`` picks the family (an export written before DINOv2 and SigLIP holds a CLIP
+    vision config, which always names its model_type; a dict without one is read as CLIP).
+    """
+    import transformers
+
+    family = family_of(vision_config_dict.get("model_type", "clip_vision_model"), "backbone config")
+    family.check_pooling(pooling, "in backbone_config.json")
+    try:
+        vision = getattr(transformers, family.config_class).from_dict(dict(vision_config_dict))
+    except _config_errors() as err:  # a value of the wrong type or out of range
+        raise ValueError(f"{family.name} vision config: {str(err).strip()}") from None
+    hf_model = _hf_class(family, pooling)._from_config(vision, attn_implementation="sdpa")
+    return VisionBackbone(hf_model, pooling, family), family.embed_dim(vision, pooling)
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -117,38 +132,37 @@ def backbone_from_config(vision_config_dict: dict, pooling: str) -> tuple[ClipBa
 
 def backbone_blocks(model) -> list[nn.Module]:
     """The backbone's transformer blocks, first to last."""
-    return list(model.backbone.vision_model.encoder.layers)
+    return list(model.backbone.family.blocks(model.backbone.model))
 
 
-def _unused_modules(model) -> list[nn.Module]:
-    """Backbone modules the pooling never reads: mean pooling skips the CLS token's post-layernorm.
+def _unused_parameters(model) -> list[nn.Parameter]:
+    """Backbone parameters the pooling never reads (e.g. CLIP's post-layernorm under mean pooling).
 
-    Trainable, they get no gradient and DDP (find_unused_parameters=False) fails at the next step. A
-    projection exists only for projection pooling (``_hf_class``), which uses it.
+    Trainable, they get no gradient and DDP (find_unused_parameters=False) fails at the next step.
     """
     backbone = model.backbone
-    return [backbone.vision_model.post_layernorm] if backbone.pooling == "mean" else []
+    return backbone.family.unused(backbone.model, backbone.pooling)
 
 
-def _top_modules(model) -> list[nn.Module]:
-    """Used backbone modules above the last block: post-layernorm and the projection, as pooled."""
-    projection = getattr(model.backbone.model, "visual_projection", None)
-    top = [model.backbone.vision_model.post_layernorm] + ([projection] if projection is not None else [])
-    unused = _unused_modules(model)
-    return [m for m in top if all(m is not u for u in unused)]
+def _top_parameters(model) -> list[nn.Parameter]:
+    """Used backbone parameters above the last block: final norm, projection or pooling head."""
+    backbone = model.backbone
+    unused = {id(p) for p in _unused_parameters(model)}
+    top = backbone.family.top(backbone.model)
+    return [p for m in top for p in m.parameters() if id(p) not in unused]
 
 
 def set_backbone_trainable(model, last_n: int | bool | None) -> None:
-    """None/False: frozen; 0 or True: whole backbone; N: last N blocks + post-layernorm + projection.
+    """None/False: frozen; 0 or True: whole backbone; N: last N blocks + what sits above them.
 
     N above the backbone's block count (or negative) is an error naming ``train.unfreeze_last_n``.
 
-    Modules the pooling does not use stay frozen either way (see ``_unused_modules``).
+    Parameters the pooling does not use stay frozen either way (see ``_unused_parameters``).
     """
     if last_n is None or last_n is False:
         trainable = []
     elif last_n is True or last_n == 0:
-        trainable = [model.backbone]
+        trainable = list(model.backbone.parameters())
     else:
         blocks = backbone_blocks(model)
         if not 0 < last_n <= len(blocks):  # a slice [-99:] would quietly unfreeze everything
@@ -156,22 +170,23 @@ def set_backbone_trainable(model, last_n: int | bool | None) -> None:
                 f"train.unfreeze_last_n={last_n}: the backbone has {len(blocks)} blocks; "
                 f"use 1..{len(blocks)}, or 0 for the whole backbone"
             )
-        trainable = blocks[-last_n:] + _top_modules(model)
+        trainable = [p for blk in blocks[-last_n:] for p in blk.parameters()] + _top_parameters(model)
     model.backbone.requires_grad_(False)
-    for module in trainable:
-        module.requires_grad_(True)
-    for module in _unused_modules(model):
-        module.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    for p in _unused_parameters(model):
+        p.requires_grad_(False)
 
 
 def backbone_depths(model) -> dict[str, int]:
     """Backbone parameter name -> depth from the top (BEiT-style layer decay).
 
-    0 = post-layernorm / projection, 1 = last block, ..., L = first block, L+1 = embeddings + pre-norm.
+    0 = what sits above the blocks (final norm, projection, pooling head), 1 = last block, ...,
+    L = first block, L+1 = embeddings (+ CLIP's pre-norm).
     """
     blocks = backbone_blocks(model)
     depth_of = {id(p): len(blocks) - i for i, blk in enumerate(blocks) for p in blk.parameters()}
-    depth_of.update({id(p): 0 for m in _top_modules(model) for p in m.parameters()})
+    depth_of.update({id(p): 0 for p in _top_parameters(model)})
     return {n: depth_of.get(id(p), len(blocks) + 1) for n, p in model.backbone.named_parameters()}
 
 

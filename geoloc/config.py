@@ -140,8 +140,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "geolocal/StreetCLIP"  # hub id or local path of a CLIP (vision) checkpoint
-    pooling: str = "projection"  # projection (CLIP image embedding) | cls | mean (of patch tokens)
+    backbone: str = "geolocal/StreetCLIP"  # hub id or local path of a CLIP, DINOv2 or SigLIP checkpoint
+    # projection (CLIP's / SigLIP's image embedding) | cls (CLIP, DINOv2) | mean (of the patch tokens);
+    # a pooling the backbone's family lacks is refused when it loads (geoloc.families)
+    pooling: str = "projection"
     fusion: str = "average"  # average | concat | attention | weighted
     heads: list[str] = field(default_factory=lambda: ["state", "gps"])  # by name, see geoloc.heads
     head_hidden: int = 512

@@ -3,7 +3,7 @@
 Layout (see ARCHITECTURE.md)::
 
     model.safetensors     full GeoModel state dict, fp32, contiguous (ZeRO-3: the gathered one)
-    backbone_config.json  the CLIP vision config, so the backbone is rebuilt without hub access
+    backbone_config.json  the vision config (CLIP, DINOv2 or SigLIP), so the backbone is rebuilt without hub access
     geoloc.json           label encoder, preprocessing, soft-label settings, centroids, prior, dims
     config.yaml           the resolved run config
     config.json           derived from the above: transformers' ``from_pretrained`` / ``AutoModel`` (geoloc.hub)
@@ -36,6 +36,7 @@ from geoloc.backbone import backbone_from_config
 from geoloc.config import Config, ConfigError, config_to_dict, read_config, save_config
 from geoloc.contract import VIEWS
 from geoloc.errors import GeolocError
+from geoloc.families import family_of
 from geoloc.fileio import file_sha256
 from geoloc.labels import LabelEncoder
 from geoloc.model import GeoModel
@@ -60,15 +61,6 @@ META_KEYS = (
     "preprocess",
     "centroids",
     "prior",
-)
-# the CLIP vision config keys that fix the backbone's shapes (the rest have harmless defaults)
-BACKBONE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "patch_size",
-    "image_size",
 )
 # wrappers add these to state-dict keys (DDP / DeepSpeed engine, torch.compile of the whole model)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -115,7 +107,7 @@ class LoadedModel:
 
 
 def vision_config_dict(model: nn.Module) -> dict:
-    """The backbone's CLIP vision config as a plain dict (what ``backbone_config.json`` holds)."""
+    """The backbone's vision config as a plain dict (what ``backbone_config.json`` holds)."""
     from geoloc.distributed import eval_module
 
     return eval_module(model).backbone.config.to_dict()
@@ -340,13 +332,24 @@ def _labels(path: Path, meta: dict) -> tuple[LabelEncoder, np.ndarray]:
     return encoder, centroids
 
 
+def read_backbone_config(path: Path) -> dict:
+    """``backbone_config.json``: a vision config of a known family (its ``model_type``; CLIP when it has
+    none) holding the keys that fix that family's shapes."""
+    vision = read_json_mapping(path / BACKBONE_CONFIG, ())
+    try:
+        family = family_of(vision.get("model_type", "clip_vision_model"), str(path / BACKBONE_CONFIG))
+    except ConfigError as err:
+        raise ModelDirError(f"{err} (key 'model_type')") from None
+    return read_json_mapping(path / BACKBONE_CONFIG, family.required_keys)
+
+
 def _build_model(path: Path, meta: dict, cfg: Config) -> GeoModel:
     """An untrained GeoModel shaped like the saved one, from ``backbone_config.json`` and the run config."""
-    vision = read_json_mapping(path / BACKBONE_CONFIG, BACKBONE_KEYS)
+    vision = read_backbone_config(path)
     try:
         backbone, dim = backbone_from_config(vision, meta["pooling"])
     except (TypeError, ValueError, KeyError) as err:
-        raise ModelDirError(f"{path / BACKBONE_CONFIG}: not a usable CLIP vision config ({err})") from None
+        raise ModelDirError(f"{path / BACKBONE_CONFIG}: not a usable vision config ({err})") from None
     if dim != meta["embed_dim"]:
         raise ModelDirError(
             f"{path}: {BACKBONE_CONFIG} gives embed_dim {dim}, {META} key 'embed_dim' says {meta['embed_dim']}"

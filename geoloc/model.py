@@ -144,9 +144,14 @@ def build_model(cfg: ModelConfig, sizes: HeadSizes) -> GeoModel:
 # ----------------------------------------------------------------------------- trainer helpers
 
 
+NO_DECAY_NAMES = ("position_embedding", "cls_token", "mask_token", "head.probe")
+
+
 def _no_decay(name: str, p: torch.Tensor) -> bool:
     ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned params keep their shape in ds_shape
-    return ndim <= 1 or "position_embedding" in name  # biases, norms, class token, position table
+    # biases, norms, CLIP's class token (1-D); position tables and the (1, 1, D) tokens of DINOv2 (CLS,
+    # mask) and SigLIP (the pooling head's probe), which are embeddings too
+    return ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
 
 
 def param_groups(

@@ -1,9 +1,11 @@
-"""On-device preprocessing: uint8 views -> resized, CLIP-normalised floats (+ optional augmentation).
+"""On-device preprocessing: uint8 views -> resized, normalised floats (+ optional augmentation).
 
 The loader ships 256 px uint8 views; resizing to the backbone's input size (336 for StreetCLIP) and
 normalising on the training device is ~7x cheaper in CPU per sample than doing it in the DataLoader
 workers (see BENCHMARKS.md). Input size and mean/std come from the backbone's own config and
-``preprocessor_config.json``, so any CLIP checkpoint gets what it was trained with.
+``preprocessor_config.json`` (per family, ``geoloc.families``), so any CLIP, DINOv2 or SigLIP checkpoint
+gets the size and normalisation it was trained with. The whole square view is resized to that size: a
+processor's centre crop (DINOv2's 224 of 256) would discard the border of every street view.
 
 Augmentation (train mode only, when enabled): a square random resized crop per image, covering
 ``[min_scale, 1]`` of the area, plus optional brightness/contrast jitter. No horizontal flip: a mirror
@@ -20,10 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoloc.config import DataConfig
-
-# OpenAI CLIP's normalisation: what a checkpoint without a preprocessor_config.json was trained with
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from geoloc.families import CLIP_MEAN, CLIP_STD
 
 
 def _preprocessor_json(backbone: str) -> dict:
@@ -42,16 +41,25 @@ def _preprocessor_json(backbone: str) -> dict:
 
 
 def preprocess_settings(backbone: str) -> dict:
-    """``{"image_size", "mean", "std"}`` for a CLIPModel or CLIPVisionModel checkpoint (path or hub id)."""
-    from transformers import AutoConfig  # lazy: importing transformers costs seconds
+    """``{"image_size", "mean", "std"}`` of a checkpoint (path or hub id) of any family.
 
-    config = AutoConfig.from_pretrained(backbone)
-    vision = getattr(config, "vision_config", config)  # full CLIPModel vs. vision-only checkpoint
+    CLIP: the config's ``image_size``; DINOv2 and SigLIP: the image processor's output size (DINOv2's
+    config ``image_size`` of 518 only sizes its position table). Mean/std from ``preprocessor_config.json``,
+    else the family's own.
+    """
+    from geoloc.backbone import checkpoint_family  # lazy: importing transformers costs seconds
+
+    family, config = checkpoint_family(backbone)
+    vision = getattr(config, "vision_config", config)  # full CLIPModel/SiglipModel vs. vision tower only
     processor = _preprocessor_json(str(backbone))
+    try:
+        size = family.image_size(vision, processor)
+    except ValueError as err:
+        raise ValueError(f"{backbone}/{err}") from None
     return {
-        "image_size": int(vision.image_size),
-        "mean": tuple(float(m) for m in processor.get("image_mean", CLIP_MEAN)),
-        "std": tuple(float(s) for s in processor.get("image_std", CLIP_STD)),
+        "image_size": int(size),
+        "mean": tuple(float(m) for m in processor.get("image_mean", family.mean)),
+        "std": tuple(float(s) for s in processor.get("image_std", family.std)),
     }
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CLIP checkpoint built offline (session-scoped; building takes seconds)."""
+"""Shared fixtures: tiny CLIP, DINOv2 and SigLIP checkpoints built offline (session-scoped; building takes
+seconds), generated data and its shards."""
 
 import os
 import tempfile
@@ -16,6 +17,22 @@ def tiny_clip_dir(tmp_path_factory):
     from geoloc.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory):
+    """A tiny DINOv2 laid out like facebook/dinov2-*: fed 56 px crops, position table for 126 px."""
+    from geoloc.tiny_backbones import build_tiny_dinov2
+
+    return build_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory):
+    """A tiny full SigLIP checkpoint laid out like google/siglip-* (56 px, mean = std = 0.5)."""
+    from geoloc.tiny_backbones import build_tiny_siglip
+
+    return build_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))
 
 
 @pytest.fixture(scope="session")
