@@ -6,7 +6,9 @@ eval loader spread over all ranks (each sample exactly once), gathered by sample
 sorted by id (so the table does not depend on the number of ranks) and saved under
 ``cfg.train.cache_dir/<key>/<split>.pt``. The key hashes everything the numbers depend on: backbone
 (name and file fingerprint, or the hub snapshot commit), pooling, input size, mean/std, compute dtype and
-the shard manifest.
+the shard manifest. Each view's 16x16 thumbnail (``geoloc.heads.thumbnails``: what the ``vae`` head
+reconstructs) is stored beside its embedding, so that head trains on the cache too; the key holds the
+thumbnail size.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from tqdm.auto import tqdm
 
 from geoloc.errors import TrainingError
 from geoloc.faults import fault_point
+from geoloc.heads import THUMB_SIZE, thumbnails
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: thumbnails beside the embeddings
 DEFAULT_CACHE_DIR = "~/.cache/geoloc/embeddings"
 
 
@@ -37,6 +40,7 @@ class EmbeddingTable:
     view_mask: torch.Tensor  # (N, V) bool
     label: torch.Tensor  # (N,) int64 contiguous class
     latlon: torch.Tensor  # (N, 2) float32 degrees
+    thumb: torch.Tensor  # (N, V, 3, T, T) uint8 thumbnail of each view (zeros where a view is missing)
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -48,6 +52,7 @@ class EmbeddingTable:
             "view_mask": self.view_mask[index],
             "label": self.label[index],
             "latlon": self.latlon[index],
+            "thumb": self.thumb[index],
             "sample_id": [self.sample_id[i] for i in index.tolist()],
         }
 
@@ -84,6 +89,7 @@ def cache_key(cfg, preprocess: dict, manifest: dict, dtype: torch.dtype) -> str:
         "pooling": cfg.model.pooling,
         "preprocess": {k: preprocess[k] for k in ("image_size", "mean", "std")},
         "dtype": str(dtype),
+        "thumbnail": THUMB_SIZE,
         "manifest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -114,13 +120,16 @@ def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, bar: 
 
     ``bar``: tqdm keywords (desc, total, disable).
     """
-    parts = {"sample_id": [], "emb": [], "view_mask": [], "label": [], "latlon": []}
+    parts = {"sample_id": [], "emb": [], "view_mask": [], "label": [], "latlon": [], "thumb": []}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for batch in tqdm(loader, unit="batch", **bar):
         mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V); pinned batches on CUDA
-        pixels = preprocessor(batch["images"].to(device, non_blocking=True))  # (B, V, 3, S, S)
+        images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, S, S) uint8
+        pixels = preprocessor(images)
         with autocast:
             parts["emb"].append(model.forward_features(pixels, mask).cpu())  # (B, V, D)
+        thumb = thumbnails(images) * mask[:, :, None, None, None]  # a missing view's garbage stays out
+        parts["thumb"].append(thumb.cpu())  # (B, V, 3, T, T) uint8
         for key in ("view_mask", "label", "latlon", "sample_id"):
             parts[key].append(batch[key])
         fault_point("cache.batch")  # crash tests: a cache half computed
@@ -160,6 +169,7 @@ def gather_table(accelerator, parts: dict, emb_dim: int, num_views: int) -> Embe
         "view_mask": torch.zeros(0, num_views, dtype=torch.bool),
         "label": torch.zeros(0, dtype=torch.int64),
         "latlon": torch.zeros(0, 2),
+        "thumb": torch.zeros(0, num_views, 3, THUMB_SIZE, THUMB_SIZE, dtype=torch.uint8),
     }
     cols = {k: _gather_rows(accelerator, _cat(parts[k], v)) for k, v in fallback.items()}
     ids = [i for chunk in gather_object([[s for b in parts["sample_id"] for s in b]]) for i in chunk]
