@@ -197,7 +197,6 @@ class LossConfig:
     metric_temperature: float = 0.1  # infonce temperature
     metric_bands: list[str] = field(default_factory=lambda: ["hard", "medium", "easy"])  # one = no choice
     metric_ucb_c: float = 1.0  # exploration, in units of the mean absolute reward
-    metric_gather: bool = True  # several ranks: mine over every rank's batch (one gather per batch)
     vae_kl_weight: float = 1e-3  # the vae head: its term is reconstruction + vae_kl_weight x KL
 
     def __post_init__(self):

@@ -342,18 +342,17 @@ def settings_of(loss_cfg) -> MetricSettings:
 
 
 def build_miner(cfg, tables: LocationTables, device, accelerator=None) -> MetricMiner:
-    """The run's :class:`MetricMiner`; on several ranks (and ``loss.metric_gather``) it mines over the
-    gathered batch."""
+    """The run's :class:`MetricMiner`; on several ranks it mines over the gathered batch (which also keeps
+    every rank's bandit the same: its inputs are that batch)."""
     several = accelerator is not None and accelerator.num_processes > 1
-    gather = accelerator.gather if several and cfg.loss.metric_gather else None
-    rank = accelerator.process_index if gather is not None else 0
+    gather, rank = (accelerator.gather, accelerator.process_index) if several else (None, 0)
     neighbours = torch.as_tensor(tables.neighbours, dtype=torch.bool, device=device)
     return MetricMiner(settings_of(cfg.loss), neighbours, gather, rank)
 
 
 def positives_note(cfg, tables: LocationTables, world_size: int) -> str:
     """How many positives an anchor can expect per batch, per phase (in-batch mining needs some)."""
-    t, ranks = cfg.train, world_size if cfg.loss.metric_gather else 1
+    t, ranks = cfg.train, world_size
     frozen = (t.frozen_batch_size if t.cache_embeddings else t.batch_size) * ranks
     finetune = t.finetune_batch_size * ranks
     per = {name: tables.expected_positives(b) for name, b in (("frozen", frozen), ("finetune", finetune))}
