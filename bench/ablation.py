@@ -58,7 +58,7 @@ VARIANTS = {
 }
 # variants that are also trained through both phases whatever their phase-1 score: the auxiliary heads
 # train the shared embedding, which only the fine-tuned backbone can turn into better predictions
-ALWAYS_FULL = ("state+gps (baseline)", "state+gps+metric (infonce, bandit)", "state+gps+vae")
+ALWAYS_FULL = ("state+gps (baseline)", *(name for name in VARIANTS if "metric" in name or "vae" in name))
 KEYS = ("score", "cls_score", "top1_acc", "top5_acc", "mean_km", "median_km")
 
 

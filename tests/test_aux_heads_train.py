@@ -98,22 +98,55 @@ def _strip_time(lines: dict[int, dict]) -> dict[int, dict]:
 STEPS = {1: 14, 2: 3 * 2 + 2}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("kind", "nproc"), [("ddp", 2), ("zero2", 2), ("zero3", 2), ("zero2", 1), ("zero3", 1)]
-)
-def test_auxiliary_heads_train_on_ranks_and_engines(kind, nproc, tiny_shards, tiny_clip_dir, tmp_path):
-    """The metric head mines over the gathered batch (one collective per batch, the same on every rank:
-    ``check`` compares the traced collectives) and the ranks agree on every band; the VAE trains under
-    DeepSpeed bf16; the model exports and reloads."""
+def _launch(kind, nproc, shards, clip, root):
     extra = ("train.eval_batch_size=5",) if kind.startswith("zero") else ()
-    args = train_args(tiny_shards, tiny_clip_dir, tmp_path / "run", tmp_path / "cache", *AUX, *extra,
-                      "train.epochs_finetune=1")  # fmt: skip
-    proc = check(run_train(args, kind=kind, nproc=nproc))
-    lines = _check_aux_run(tmp_path / "run", STEPS[nproc])
-    assert export_meta(tmp_path / "run")["extra"]["num_processes"] == nproc
+    args = train_args(shards, clip, root / "run", root / "cache", *AUX, *extra, "train.epochs_finetune=1")
+    return check(run_train(args, kind=kind, nproc=nproc)), args
+
+
+@pytest.fixture(scope="module")
+def ddp_aux_run(tiny_shards, tiny_clip_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("aux_ddp")
+    proc, args = _launch("ddp", 2, tiny_shards, tiny_clip_dir, root)
+    return proc, args, root / "run"
+
+
+def _check_ranks_run(proc, run_dir, nproc):
+    """The metric head mined over the gathered batch (one collective per batch, the same on every rank:
+    ``check`` compared the traced collectives) and the ranks agreed on every band; the VAE trained (also
+    under DeepSpeed bf16); the model exported and reloaded."""
+    lines = _check_aux_run(run_dir, STEPS[nproc])
+    assert export_meta(run_dir)["extra"]["num_processes"] == nproc
     assert f"phase-1 batch of {8 * nproc} " in proc.stdout  # mining sees every rank's batch
     assert all(torch.isfinite(torch.tensor(r["train/loss_vae_rec"])) for r in lines.values())
     if nproc == 2:
         gathers = [line for line in proc.trace[0] if "geoloc/metric.py" in line]
         assert len(gathers) == STEPS[2], gathers[:3]  # one per batch
+
+
+@pytest.mark.slow
+def test_auxiliary_heads_train_on_two_ddp_ranks(ddp_aux_run):
+    proc, _, run_dir = ddp_aux_run
+    _check_ranks_run(proc, run_dir, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "nproc"), [("zero2", 2), ("zero3", 2), ("zero2", 1), ("zero3", 1)])
+def test_auxiliary_heads_train_under_deepspeed(kind, nproc, tiny_shards, tiny_clip_dir, tmp_path):
+    proc, _ = _launch(kind, nproc, tiny_shards, tiny_clip_dir, tmp_path)
+    _check_ranks_run(proc, tmp_path / "run", nproc)
+
+
+@pytest.mark.slow
+def test_two_rank_resume_restores_the_bandit_and_follows_the_uninterrupted_run(ddp_aux_run, tmp_path):
+    """DDP, 2 ranks, stopped at the first phase-2 update (last checkpoint after phase 1's 6 updates)."""
+    _, args, run_dir = ddp_aux_run
+    resumed = tmp_path / "resumed"
+    args = [str(resumed) if a == str(run_dir) else a for a in args]
+    check(run_train(args + ["--stop-after-steps", "7"], kind="ddp"), rc=1)  # the launcher reports 1
+    assert _last_checkpoint(resumed)["state"]["global_step"] == 6
+    check(run_train(args + ["--resume", "latest"], kind="ddp"))
+    assert _strip_time(_train_lines(resumed)) == _strip_time(_train_lines(run_dir))
+    assert _last_checkpoint(resumed)["stateful"] == _last_checkpoint(run_dir)["stateful"]
+    want, got = (load_file(d / "model" / "model.safetensors") for d in (run_dir, resumed))
+    assert all(torch.equal(want[k], got[k]) for k in want)
