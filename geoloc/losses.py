@@ -86,6 +86,8 @@ class Criterion:
         if self.needs_thumbnails:
             from geoloc.heads import thumbnails
 
+            if "thumb" not in batch and "images" not in batch:
+                raise ValueError("a head of this run reconstructs views, but the batch has no thumbnails")
             out["view_mask"] = batch["view_mask"].to(device)
             out["thumb"] = (
                 batch["thumb"].to(device) if "thumb" in batch else thumbnails(batch["images"].to(device))

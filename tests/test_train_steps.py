@@ -97,14 +97,20 @@ def test_cache_key_follows_what_the_numbers_depend_on():
     assert key not in changed and len(set(changed)) == len(changed)
 
 
-def test_cache_key_follows_the_thumbnail_size(monkeypatch):
+def test_cache_key_holds_the_thumbnail_size_only_when_a_head_needs_thumbnails(monkeypatch):
     from geoloc.train import cache
 
-    cfg = load_config(None, ["model.backbone=some/hub-id"])
     pre = {"image_size": 56, "mean": [0.5] * 3, "std": [0.25] * 3}
-    key = cache_key(cfg, pre, {}, torch.float32)
-    monkeypatch.setattr(cache, "THUMB_SIZE", 8)  # the tables would hold other thumbnails
-    assert cache_key(cfg, pre, {}, torch.float32) != key
+    plain = load_config(None, ["model.backbone=some/hub-id", "model.heads=[state,gps,metric]"])
+    vae = load_config(None, ["model.backbone=some/hub-id", "model.heads=[state,gps,vae]"])
+    keys = {name: cache_key(cfg, pre, {}, torch.float32) for name, cfg in (("plain", plain), ("vae", vae))}
+    assert keys["plain"] != keys["vae"]  # the vae's tables hold thumbnails too
+    assert keys["plain"] == cache_key(
+        load_config(None, ["model.backbone=some/hub-id"]), pre, {}, torch.float32
+    )
+    monkeypatch.setattr(cache, "THUMB_SIZE", 8)  # other thumbnails: another vae cache, the same plain one
+    assert cache_key(vae, pre, {}, torch.float32) != keys["vae"]
+    assert cache_key(plain, pre, {}, torch.float32) == keys["plain"]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -158,6 +164,7 @@ def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monke
     assert terms_c.keys() == terms_d.keys()
     for name in terms_c:
         torch.testing.assert_close(terms_c[name], terms_d[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert ("thumb" in rows) == (heads is not None)  # thumbnails are cached only for the vae head
     if heads is not None:
         assert terms_c["loss_vae_rec"] > 0 and terms_c["metric_anchors"] > 0 and terms_c["loss_metric"] > 0
         assert torch.equal(
