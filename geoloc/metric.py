@@ -54,7 +54,6 @@ class LocationTables:
     """What mining needs from the training labels, computed once per run."""
 
     neighbours: np.ndarray  # (C, C) bool: training points of the two classes come within neighbour_km
-    closest_km: np.ndarray  # (C, C) float64: closest approach of the two classes' training points
     positive_rate: float  # share of other training points within d_pos of a training point (mean)
 
     def expected_positives(self, global_batch: int) -> float:
@@ -66,27 +65,39 @@ def _radians(latlon: np.ndarray) -> np.ndarray:
     return np.deg2rad(np.asarray(latlon, dtype=np.float64))  # BallTree(haversine) wants (lat, lon) radians
 
 
-def closest_approach_km(latlon: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) km between the nearest training points of every two classes (0 on the diagonal).
+def _near_box(latlon: np.ndarray, mine: np.ndarray, radius_km: float) -> np.ndarray:
+    """(N,) bool: points outside ``mine`` inside the bounding box of ``mine``'s points widened by
+    ``radius_km`` (every point within ``radius_km`` of one of them is inside it; a class whose longitudes
+    wrap, e.g. Alaska's Aleutians, spans every longitude, so nothing is missed)."""
+    lat, lon = latlon[mine, 0], latlon[mine, 1]
+    pad_lat = np.rad2deg(radius_km / EARTH_RADIUS_KM)
+    widest = min(np.abs(lat).max() + pad_lat, 89.0)  # degrees of longitude are shortest pole-wards
+    pad_lon = pad_lat / np.cos(np.deg2rad(widest))
+    inside = (latlon[:, 0] >= lat.min() - pad_lat) & (latlon[:, 0] <= lat.max() + pad_lat)
+    inside &= (latlon[:, 1] >= lon.min() - pad_lon) & (latlon[:, 1] <= lon.max() + pad_lon)
+    return inside & ~mine
 
-    One haversine BallTree per class, queried with every point for its nearest neighbour in that class.
+
+def neighbouring_classes(latlon: np.ndarray, classes: np.ndarray, num_classes: int, radius_km: float):
+    """(C, C) bool: some training point of one class lies within ``radius_km`` of one of the other.
+
+    Exact: a haversine BallTree per class, queried (nearest neighbour) only with the other classes' points
+    near that class's bounding box, so the cost stays near one query per point and class nearby.
     """
     from sklearn.neighbors import BallTree
 
-    rad, classes = _radians(latlon), np.asarray(classes, dtype=np.int64)
-    out = np.zeros((num_classes, num_classes))
+    latlon, classes = np.asarray(latlon, dtype=np.float64), np.asarray(classes, dtype=np.int64)
+    rad, out = _radians(latlon), np.zeros((num_classes, num_classes), dtype=bool)
     for b in range(num_classes):
         mine = classes == b
         if not mine.any():
-            out[b, :] = out[:, b] = np.inf
             continue
-        dist, _ = BallTree(rad[mine], metric="haversine").query(rad, k=1)  # (N, 1) radians
-        per_class = np.full(num_classes, np.inf)
-        np.minimum.at(per_class, classes, dist[:, 0] * EARTH_RADIUS_KM)
-        out[:, b] = per_class
-    out = np.minimum(out, out.T)  # exact already; guards float asymmetry
-    np.fill_diagonal(out, 0.0)
-    return out
+        box = _near_box(latlon, mine, radius_km)
+        if not box.any():
+            continue
+        dist, _ = BallTree(rad[mine], metric="haversine").query(rad[box], k=1)  # (M, 1) radians
+        out[b, np.unique(classes[box][dist[:, 0] * EARTH_RADIUS_KM <= radius_km])] = True
+    return out | out.T
 
 
 def positive_rate(latlon: np.ndarray, d_pos_km: float, seed: int = 0) -> float:
@@ -100,9 +111,8 @@ def positive_rate(latlon: np.ndarray, d_pos_km: float, seed: int = 0) -> float:
     anchors = rad
     if len(rad) > POSITIVE_SAMPLE:
         anchors = rad[np.random.default_rng(seed).choice(len(rad), POSITIVE_SAMPLE, replace=False)]
-    counts = BallTree(rad, metric="haversine").query_radius(
-        anchors, d_pos_km / EARTH_RADIUS_KM, count_only=True
-    )
+    radius = d_pos_km / EARTH_RADIUS_KM
+    counts = BallTree(rad, metric="haversine").query_radius(anchors, radius, count_only=True)
     return float((counts - 1).mean() / (len(rad) - 1))  # minus the anchor itself
 
 
@@ -110,10 +120,8 @@ def location_tables(
     latlon: np.ndarray, classes: np.ndarray, num_classes: int, neighbour_km: float, d_pos_km: float
 ) -> LocationTables:
     """Neighbouring classes and the positive rate from the TRAIN points ``(N, 2)`` and classes ``(N,)``."""
-    closest = closest_approach_km(latlon, classes, num_classes)
-    neighbours = closest <= neighbour_km
-    np.fill_diagonal(neighbours, False)
-    return LocationTables(neighbours, closest, positive_rate(latlon, d_pos_km))
+    neighbours = neighbouring_classes(latlon, classes, num_classes, neighbour_km)
+    return LocationTables(neighbours, positive_rate(latlon, d_pos_km))
 
 
 # ----------------------------------------------------------------------------- mining

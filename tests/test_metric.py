@@ -15,9 +15,9 @@ from geoloc.metric import (
     MetricMiner,
     MetricSettings,
     UCBBandit,
-    closest_approach_km,
     location_tables,
     metric_loss,
+    neighbouring_classes,
     pair_masks,
     positive_rate,
 )
@@ -46,16 +46,21 @@ def test_pair_masks_split_the_negatives_into_bands_by_state_and_distance():
     assert torch.equal(pos1, pos[3:5]) and all(torch.equal(bands1[b], bands[b][3:5]) for b in BANDS)
 
 
-def test_closest_approach_and_positive_rate_match_brute_force():
+@pytest.mark.parametrize("radius", [150.0, 400.0, 3000.0])
+def test_neighbouring_classes_and_positive_rate_match_brute_force(radius):
     rng = np.random.default_rng(0)
-    latlon = np.stack([rng.uniform(30, 45, 300), rng.uniform(-110, -80, 300)], 1)
-    classes = rng.integers(0, 4, 300)
+    latlon = np.stack([rng.uniform(20, 65, 400), rng.uniform(-170, -70, 400)], 1)
+    latlon[:5] = [[52.0, 179.5], [51.5, -179.5], [60.0, -150.0], [21.0, -157.0], [64.0, -160.0]]  # AK, HI
+    classes = np.digitize(latlon[:, 1], [-150, -130, -110, -90])  # longitude bands 0-4: few neighbours
+    classes[:2] = 5  # a class whose points wrap around the antimeridian
     d = haversine_km(latlon[:, None, 0], latlon[:, None, 1], latlon[None, :, 0], latlon[None, :, 1])
-    want = np.array([[d[classes == a][:, classes == b].min() for b in range(4)] for a in range(4)])
-    np.fill_diagonal(want, 0.0)
-    np.testing.assert_allclose(closest_approach_km(latlon, classes, 4), want, rtol=1e-9, atol=1e-6)
-    share = ((d <= 400).sum(1) - 1).mean() / 299
-    assert positive_rate(latlon, 400.0) == pytest.approx(share, rel=1e-9)
+    want = np.array([[d[classes == a][:, classes == b].min() <= radius for b in range(6)] for a in range(6)])
+    np.fill_diagonal(want, False)
+    got = neighbouring_classes(latlon, classes, 6, radius)
+    assert np.array_equal(got, want) and got.any()
+    assert not want[0, 4] or radius > 1000  # bands 1500+ km apart are no neighbours at short range
+    share = ((d <= radius).sum(1) - 1).mean() / 399
+    assert positive_rate(latlon, radius) == pytest.approx(share, rel=1e-9)
 
 
 def test_neighbouring_states_from_training_points_follow_the_real_outlines():
@@ -70,7 +75,6 @@ def test_neighbouring_states_from_training_points_follow_the_real_outlines():
     assert near == {"Missouri", "Nebraska", "Colorado", "Oklahoma"}  # Kansas's four neighbours here
     assert not tables.neighbours[5].any() and not tables.neighbours[6].any()  # Maine, Florida: none here
     assert np.array_equal(tables.neighbours, tables.neighbours.T) and not tables.neighbours.diagonal().any()
-    assert tables.closest_km[5, 6] > 1500  # Maine to Florida
     assert 0 < tables.expected_positives(64) < 63
 
 
