@@ -2,14 +2,15 @@
 retrieval refinement; one table, fixed seed and budget.
 
     python bench/ablation.py --work-dir /tmp/ablation [--seeds 0 1 2] [--n-train 3000] [--epochs 6] \
-        [--finetune-epochs 1] [--out ablation.json]
+        [--finetune-epochs 1] [--finetune-batch 4] [--variants NAME ...] [--out ablation.json]
 
 Stages: generate the realistic set (``geoloc.synth``, mode realistic) -> shard (20% val) -> a tiny CLIP
 (the demo's) -> for each training variant, ``train.py`` with the frozen backbone on the shared embedding
 cache (the same budget for every variant) -> the post-training step scores every decoder the variant can
 serve on val (``geoloc.train.index``) -> one row per (variant, decoder). Then the best variant and the
 baseline (PIGEON's plain state head + GPS regression) are trained again with ``--finetune-epochs`` of
-fine-tuning, and ``infer.py --eval`` scores each on val with its best decoder, so the last rows hold
+fine-tuning (and so are the auxiliary-head variants of ``ALWAYS_FULL``, whose point is the fine-tuned
+embedding), and ``infer.py --eval`` scores each on val with its best decoder, so the last rows hold
 the end-to-end numbers. Every row: val score, cls score, top-1/top-5, mean/median km.
 
 Each seed draws its own data set, cells and initialisation; the table gives the mean over the seeds
@@ -47,7 +48,17 @@ VARIANTS = {
         "model.cell_min_size=10",
         "model.cell_max_size=19",
     ],
+    # metric learning on location (geoloc.metric): the bandit over the three bands, one band alone, the
+    # triplet loss; and the VAE term (a multi-task reconstruction of 16x16 thumbnails)
+    "state+gps+metric (infonce, bandit)": ["model.heads=[state,gps,metric]"],
+    "state+gps+metric (infonce, hard only)": ["model.heads=[state,gps,metric]", "loss.metric_bands=[hard]"],
+    "state+gps+metric (infonce, easy only)": ["model.heads=[state,gps,metric]", "loss.metric_bands=[easy]"],
+    "state+gps+metric (triplet, bandit)": ["model.heads=[state,gps,metric]", "loss.metric_loss=triplet"],
+    "state+gps+vae": ["model.heads=[state,gps,vae]"],
 }
+# variants that are also trained through both phases whatever their phase-1 score: the auxiliary heads
+# train the shared embedding, which only the fine-tuned backbone can turn into better predictions
+ALWAYS_FULL = ("state+gps (baseline)", *(name for name in VARIANTS if "metric" in name or "vae" in name))
 KEYS = ("score", "cls_score", "top1_acc", "top5_acc", "mean_km", "median_km")
 
 
@@ -58,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=100, help="generated test samples (unused by the table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="data and training seeds (one run each)")
     p.add_argument("--epochs", type=int, default=6, help="frozen-phase epochs of every variant")
-    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of the final two runs")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of the full runs")
+    p.add_argument("--finetune-batch", type=int, default=4, help="phase-2 batch of every run (per rank)")
     p.add_argument("--variants", nargs="*", help="only these variants (names of VARIANTS)")
     p.add_argument("--out", type=Path, help="write the table as JSON here")
     return p.parse_args(argv)
@@ -92,7 +104,7 @@ def train(shards, clip, run: Path, cache: Path, overrides: list[str], args, seed
         "--shards", str(shards), "--output-dir", str(run), "--preset", "smoke", f"model.backbone={clip}",
         f"train.cache_dir={cache}", f"train.seed={seed}", f"train.epochs_frozen={args.epochs}",
         f"train.epochs_finetune={finetune}", "train.head_lr=3e-3", "train.backbone_lr=3e-4", "train.patience=0",
-        "train.frozen_batch_size=64", *overrides,
+        "train.frozen_batch_size=64", f"train.finetune_batch_size={args.finetune_batch}", *overrides,
     ]  # fmt: skip
     if train_main(argv) != 0:
         raise SystemExit(f"ablation: train.py failed for {run}")
@@ -170,7 +182,7 @@ def run_seed(args, seed: int, rows: list[dict], full: dict[str, list[dict]]) -> 
         mine = rows_of(name, model)
         rows += mine
         best[name] = max(r["score"] for r in mine)
-    for name in dict.fromkeys(["state+gps (baseline)", max(best, key=best.get)]):
+    for name in dict.fromkeys([*ALWAYS_FULL, max(best, key=best.get)]):
         if name in best:
             run = work / "full" / name.replace(" ", "_")
             model = train(shards, clip, run, cache, VARIANTS[name], args, seed, args.finetune_epochs)

@@ -25,9 +25,11 @@ DIST_TIMEOUT_S = 1800.0  # 30 min: longer than any legitimate solo wait (a 3.5 G
 # choice lists, defined once: the modules that implement them import these
 POOLINGS = ("projection", "cls", "mean")
 FUSIONS = ("average", "concat", "attention", "weighted")
-HEADS = ("state", "gps", "cell")  # geoloc.heads.HEADS implements each (checked there)
+HEADS = ("state", "gps", "cell", "metric", "vae")  # geoloc.heads.HEADS implements each (checked there)
 SOFT_LABEL_MODES = ("state", "sample")
 GPS_LOSSES = ("mse", "mae", "smooth_l1", "haversine")
+METRIC_LOSSES = ("triplet", "multi_similarity", "infonce")  # geoloc.metric implements each
+METRIC_BANDS = ("hard", "medium", "easy", "all")
 STATE_DECODERS = ("auto", "head", "cells")
 GPS_DECODERS = ("auto", "regression", "cell", "bayes", "knn")
 
@@ -55,7 +57,15 @@ RANGES: dict[str, dict[str, str]] = {
         "cell_min_size": "[1, inf)",
         "cell_max_size": "[1, inf)",
     },
-    "loss": {"tau_km": "(0, inf)"},
+    "loss": {
+        "tau_km": "(0, inf)",
+        "metric_d_pos_km": "(0, inf)",
+        "metric_neighbour_km": "[0, inf)",
+        "metric_margin": "[0, inf)",
+        "metric_temperature": "(0, inf)",
+        "metric_ucb_c": "[0, inf)",  # 0 = always the best band so far (after one pull each)
+        "vae_kl_weight": "[0, inf)",
+    },
     "decode": {
         "bayes_top_k": "[1, inf)",
         "knn_k": "[1, inf)",
@@ -178,11 +188,31 @@ class LossConfig:
     soft_labels: str = "sample"  # state | sample (PIGEON)
     gps_loss: str = "haversine"  # mse | mae | smooth_l1 | haversine
     # weight of each head's loss term, by head name (heads the model lacks are ignored)
-    weights: dict[str, float] = field(default_factory=lambda: {"state": 0.8, "gps": 0.2, "cell": 0.8})
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"state": 0.8, "gps": 0.2, "cell": 0.8, "metric": 0.2, "vae": 1.0}
+    )
+    # the metric head (geoloc.metric): positives within metric_d_pos_km, negatives from the band a UCB
+    # bandit picks per batch among metric_bands (hard: same state, medium: neighbouring states, those
+    # whose training points come within metric_neighbour_km, easy: the others; all: any negative)
+    metric_loss: str = "infonce"  # infonce | triplet | multi_similarity
+    metric_d_pos_km: float = 250.0
+    metric_neighbour_km: float = 100.0
+    metric_margin: float = 0.2  # triplet margin (cosine)
+    metric_temperature: float = 0.1  # infonce temperature
+    metric_bands: list[str] = field(default_factory=lambda: ["hard", "medium", "easy"])  # one = no choice
+    metric_ucb_c: float = 1.0  # exploration, in units of the mean absolute reward
+    vae_kl_weight: float = 1e-3  # the vae head: its term is reconstruction + vae_kl_weight x KL
 
     def __post_init__(self):
         _check_choice("loss", "soft_labels", self.soft_labels, SOFT_LABEL_MODES)
         _check_choice("loss", "gps_loss", self.gps_loss, GPS_LOSSES)
+        _check_choice("loss", "metric_loss", self.metric_loss, METRIC_LOSSES)
+        for band in self.metric_bands:
+            _check_choice("loss", "metric_bands", band, METRIC_BANDS)
+        if not self.metric_bands or len(set(self.metric_bands)) != len(self.metric_bands):
+            raise ConfigError(
+                f"loss.metric_bands={list(self.metric_bands)}: give each band once, at least one"
+            )
         _check_ranges("loss", self)
         for head, w in self.weights.items():
             if head not in HEADS:

@@ -14,9 +14,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from geoloc.contract import US_BOX
+from geoloc.contract import US_BOX, VIEWS
+
+METRIC_DIM = 128  # width of the metric head's unit embedding
+VAE_LATENT = 32  # the VAE head's latent size
+THUMB_SIZE = 16  # side of the low-resolution view the VAE head reconstructs (pixels)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class Targets:
     soft_labels: str  # "state" | "sample" (loss.soft_labels)
     tau_km: float  # haversine smoothing temperature (loss.tau_km)
     gps_loss: str  # loss.gps_loss
+    metric: object = None  # geoloc.metric.MetricMiner when the model has a metric head (mutable: its bandit)
+    vae_kl_weight: float = 1e-3  # loss.vae_kl_weight: the KL term's weight inside the vae head's term
 
 
 class Fp32Linear(nn.Linear):
@@ -77,16 +84,23 @@ def bound_latlon(z: torch.Tensor) -> torch.Tensor:
 
 
 class Head(nn.Module):
-    """One output of the model. Subclasses set ``name`` and implement the three methods."""
+    """One output of the model. Subclasses set ``name`` and implement the three methods.
+
+    ``loss`` returns the head's term, or a dict with the term under ``"loss"`` and further named values
+    to log beside it (e.g. the parts of the term); only the term enters the weighted sum. A head with
+    ``needs_thumbnails`` reads ``batch["thumb"]`` (B, V, 3, THUMB_SIZE, THUMB_SIZE) uint8 and
+    ``batch["view_mask"]`` in its loss (``geoloc.losses.Criterion.loss_batch`` provides them).
+    """
 
     name: ClassVar[str]
+    needs_thumbnails: ClassVar[bool] = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @staticmethod
-    def loss(out: torch.Tensor, batch: dict, targets: Targets) -> torch.Tensor:
-        """The head's loss term (fp32 scalar) for a labelled batch on the device."""
+    def loss(out: torch.Tensor, batch: dict, targets: Targets) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The head's loss term (fp32 scalar) for a labelled batch on the device, or ``{"loss": term, ...}``."""
         raise NotImplementedError
 
     @staticmethod
@@ -173,7 +187,88 @@ class CellHead(Head):
         return {"cell_probs": torch.softmax(out.float(), dim=-1)}
 
 
-HEADS: dict[str, type[Head]] = {cls.name: cls for cls in (StateHead, GpsHead, CellHead)}
+class MetricHead(Head):
+    """A unit embedding ``z`` for metric learning on location (:mod:`geoloc.metric`): places within
+    ``loss.metric_d_pos_km`` pulled together, negatives of a difficulty band (chosen per batch by a UCB
+    bandit) pushed apart. An auxiliary head: it trains the shared embedding and predicts nothing."""
+
+    name = "metric"
+
+    def __init__(self, dim: int, hidden: int, dropout: float, sizes: HeadSizes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), Fp32Linear(hidden, METRIC_DIM))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, D') -> (B, E) fp32, unit length
+        return F.normalize(self.net(h), dim=-1)
+
+    @staticmethod
+    def loss(out, batch, targets):
+        if targets.metric is None:
+            raise ValueError("the metric head's loss needs Targets.metric (a geoloc.metric.MetricMiner)")
+        return targets.metric(out, batch)
+
+    @staticmethod
+    def predict(out):
+        return {}
+
+
+def thumbnails(images: torch.Tensor, size: int = THUMB_SIZE) -> torch.Tensor:
+    """uint8 views ``(B, V, 3, S, S)`` -> ``(B, V, 3, size, size)`` uint8 area means (exact for S a multiple
+    of ``size``: sums of at most 65536 bytes are exact in fp32), on the views' device."""
+    b, v = images.shape[:2]
+    small = F.adaptive_avg_pool2d(images.flatten(0, 1).float(), size)  # (B*V, 3, size, size)
+    return small.round().clamp(0, 255).to(torch.uint8).view(b, v, 3, size, size)
+
+
+def split_vae(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vae head's packed output (B, 2L + V*3*T*T) -> mu (B, L), logvar (B, L), logits (B, V, 3, T, T)."""
+    mu, logvar, recon = out.split([VAE_LATENT, VAE_LATENT, out.shape[1] - 2 * VAE_LATENT], dim=1)
+    return mu, logvar, recon.reshape(out.shape[0], len(VIEWS), 3, THUMB_SIZE, THUMB_SIZE)
+
+
+class VaeHead(Head):
+    """A small VAE on the fused embedding: ``h -> (mu, logvar) -> z -> 16x16 thumbnails of the views``.
+
+    An auxiliary, multi-task term (reconstruction MSE over the present views + ``loss.vae_kl_weight`` x
+    KL) that keeps the shared embedding describing what the views look like; predicts nothing. Samples
+    ``z`` in training (the reparameterisation), takes ``mu`` in eval. Its output is one fp32 tensor
+    (``split_vae`` unpacks it) so predictions, gathers and logs treat it like any head output.
+    """
+
+    name = "vae"
+    needs_thumbnails = True
+
+    def __init__(self, dim: int, hidden: int, dropout: float, sizes: HeadSizes):
+        super().__init__()
+        pixels = len(VIEWS) * 3 * THUMB_SIZE * THUMB_SIZE
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), Fp32Linear(hidden, 2 * VAE_LATENT))
+        self.decoder = nn.Sequential(nn.Linear(VAE_LATENT, hidden), nn.GELU(), Fp32Linear(hidden, pixels))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, D') -> (B, 2L + V*3*T*T) fp32
+        mu, logvar = self.encoder(h).chunk(2, dim=-1)  # (B, L) each
+        logvar = logvar.clamp(-10.0, 10.0)  # exp() stays finite whatever the encoder does early on
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
+        recon = self.decoder(z.to(h.dtype))  # h's dtype: bf16 weights under DeepSpeed bf16
+        return torch.cat([mu, logvar, recon], dim=1)
+
+    @staticmethod
+    def loss(out, batch, targets):
+        if "thumb" not in batch:
+            raise ValueError("the vae head's loss needs batch['thumb'] (geoloc.losses.Criterion.loss_batch)")
+        mu, logvar, recon = split_vae(out.float())
+        target = batch["thumb"].float() / 255.0  # (B, V, 3, T, T) in [0, 1]
+        mask = batch["view_mask"].float()  # (B, V): a missing view is not reconstructed
+        err = (torch.sigmoid(recon) - target).pow(2).mean(dim=(2, 3, 4))  # (B, V)
+        rec = (err * mask).sum() / mask.sum().clamp_min(1)
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(-1).mean()  # KL(q(z|h) || N(0, I))
+        return {"loss": rec + targets.vae_kl_weight * kl, "loss_vae_rec": rec, "loss_vae_kl": kl}
+
+    @staticmethod
+    def predict(out):
+        return {}
+
+
+HEADS: dict[str, type[Head]] = {cls.name: cls for cls in (StateHead, GpsHead, CellHead, MetricHead, VaeHead)}
 
 
 def build_heads(names, dim: int, hidden: int, dropout: float, sizes: HeadSizes) -> nn.ModuleDict:

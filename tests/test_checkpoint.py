@@ -340,3 +340,36 @@ def test_deepspeed_two_processes(tmp_path, stage):
     names = {p.name for p in (tmp_path / "checkpoints" / "b").iterdir()}
     assert {"pytorch_model", STATE_FILE, "rng-rank0.safetensors", "rng-rank1.safetensors"} <= names
     assert not (tmp_path / "checkpoints" / "a").exists()
+
+
+class _Counter:
+    """A registered stateful object, like the criterion with the metric head's bandit."""
+
+    def __init__(self, needs_state=True):
+        self.n, self.needs_state = 0, needs_state
+
+    def state_dict(self):
+        return {"n": self.n} if self.needs_state else {}
+
+    def load_state_dict(self, d):
+        if self.needs_state and "n" not in d:
+            raise ValueError("no saved count")
+        self.n = d.get("n", 0)
+
+
+def test_registered_state_is_saved_as_json_and_restored(setup, tmp_path):
+    acc = setup[0]
+    counter = _Counter()
+    ckpts = CheckpointManager(tmp_path, acc, keep=2, stateful={"loss": counter})
+    counter.n = 7
+    path = ckpts.save("a", {"step": 1}, _parts(setup))
+    assert json.loads((path / STATE_FILE).read_text())["stateful"] == {"loss": {"n": 7}}
+    counter.n = 99
+    ckpts.load("latest", _parts(setup))
+    assert counter.n == 7
+    plain = CheckpointManager(tmp_path / "plain", acc, keep=2, stateful={"loss": _Counter(needs_state=False)})
+    older = plain.save("b", {"step": 1}, _parts(setup))  # a run whose loss has no state
+    with pytest.raises(CheckpointError, match=r"stateful\.loss.*no saved count"):
+        CheckpointManager(tmp_path / "plain", acc, keep=2, stateful={"loss": _Counter()}).load(
+            older, _parts(setup)
+        )

@@ -11,7 +11,8 @@ def test_defaults_are_pigeon_like():
     assert cfg.model.backbone == "geolocal/StreetCLIP"
     assert cfg.model.fusion == "average"
     assert cfg.loss.tau_km == 200.0  # the ablation's best row (BENCHMARKS.md)
-    assert cfg.model.heads == ["state", "gps"] and cfg.loss.weights == {"state": 0.8, "gps": 0.2, "cell": 0.8}
+    assert cfg.model.heads == ["state", "gps"]
+    assert cfg.loss.weights == {"state": 0.8, "gps": 0.2, "cell": 0.8, "metric": 0.2, "vae": 1.0}
     assert (cfg.train.backbone_lr, cfg.train.head_lr) == (1e-5, 1e-3)
 
 
@@ -172,11 +173,11 @@ def _set(section: str, key: str, value):
 
 
 def test_loss_weights_must_not_all_be_zero():
-    zeros = ["loss.weights.state=0", "loss.weights.gps=0", "loss.weights.cell=0"]
+    zeros = [f"loss.weights.{h}=0" for h in ("state", "gps", "cell", "metric", "vae")]
     with pytest.raises(ConfigError, match=r"loss\.weights=.*their sum must be > 0"):
         load_config(overrides=zeros)
     cfg = load_config(overrides=zeros[:2])  # one alone is fine
-    assert cfg.loss.weights == {"state": 0.0, "gps": 0.0, "cell": 0.8}
+    assert cfg.loss.weights == {"state": 0.0, "gps": 0.0, "cell": 0.8, "metric": 0.2, "vae": 1.0}
 
 
 def test_boundary_values_that_mean_off_are_accepted():

@@ -97,6 +97,22 @@ def test_cache_key_follows_what_the_numbers_depend_on():
     assert key not in changed and len(set(changed)) == len(changed)
 
 
+def test_cache_key_holds_the_thumbnail_size_only_when_a_head_needs_thumbnails(monkeypatch):
+    from geoloc.train import cache
+
+    pre = {"image_size": 56, "mean": [0.5] * 3, "std": [0.25] * 3}
+    plain = load_config(None, ["model.backbone=some/hub-id", "model.heads=[state,gps,metric]"])
+    vae = load_config(None, ["model.backbone=some/hub-id", "model.heads=[state,gps,vae]"])
+    keys = {name: cache_key(cfg, pre, {}, torch.float32) for name, cfg in (("plain", plain), ("vae", vae))}
+    assert keys["plain"] != keys["vae"]  # the vae's tables hold thumbnails too
+    assert keys["plain"] == cache_key(
+        load_config(None, ["model.backbone=some/hub-id"]), pre, {}, torch.float32
+    )
+    monkeypatch.setattr(cache, "THUMB_SIZE", 8)  # other thumbnails: another vae cache, the same plain one
+    assert cache_key(vae, pre, {}, torch.float32) != keys["vae"]
+    assert cache_key(plain, pre, {}, torch.float32) == keys["plain"]
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -104,8 +120,12 @@ def _head_grads(module) -> dict:
     return {n: p.grad.clone() for n, p in module.named_parameters() if not n.startswith("backbone.")}
 
 
-def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monkeypatch):
+@pytest.mark.parametrize("heads", [None, "[state,gps,metric,vae]"])
+def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monkeypatch, heads):
+    """Also with the auxiliary heads: the VAE's targets are the cache's thumbnails in one step and
+    thumbnails of the loader's views in the other; the metric head mines the same batch."""
     from geoloc.data import make_eval_loader
+    from geoloc.heads import thumbnails
     from geoloc.train import cache
     from geoloc.train.engine import build_geo_model
     from geoloc.train.loop import compute_loss
@@ -115,7 +135,9 @@ def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monke
     monkeypatch.setattr(
         cache, "tqdm", lambda it, **kw: (bars.append((kw["desc"], kw["total"])), real_tqdm(it, **kw))[1]
     )
-    ctx = make_ctx()
+    metric = ["loss.metric_d_pos_km=1500", "loss.metric_bands=[all]"]  # triplets on 36 places
+    extra = [] if heads is None else [f"model.heads={heads}", *metric]
+    ctx = make_ctx(*extra)
     cached = frozen_phase(ctx, build_geo_model(ctx, None))  # computes and saves the cache
     assert bars == [("embed train", 3), ("embed val", 1)]  # bars with totals: ceil(36 / 16), ceil(12 / 16)
     direct_ctx = replace(ctx, cfg=replace(ctx.cfg, train=replace(ctx.cfg.train, cache_embeddings=False)))
@@ -124,20 +146,30 @@ def test_cached_step_equals_the_step_through_the_frozen_backbone(make_ctx, monke
     table = cache.load_or_compute(ctx, None)["train"]
     rows = table.rows(torch.tensor([table.sample_id.index(i) for i in batch["sample_id"]]))
 
-    results = []
+    results, fresh = [], ctx.criterion.state_dict()
     for forward, model, inputs in (
         (cached_forward, cached.model, rows),
         (pixel_forward, direct.model, batch),
     ):
         model.train()
-        torch.manual_seed(0)  # same dropout masks in the heads
+        torch.manual_seed(0)  # same dropout masks in the heads (and VAE draws)
+        ctx.criterion.load_state_dict(fresh)  # the metric head's bandit picks the same band for both
         out = forward(ctx, model, inputs) if forward is cached_forward else forward(ctx, True, model, inputs)
-        loss = compute_loss(ctx, out, inputs)["loss"]
-        loss.backward()
-        results.append((loss.detach(), _head_grads(model)))
-    (loss_c, grads_c), (loss_d, grads_d) = results
+        terms = compute_loss(ctx, out, inputs)
+        terms["loss"].backward()
+        results.append(({k: v.detach() for k, v in terms.items()}, _head_grads(model)))
+    (terms_c, grads_c), (terms_d, grads_d) = results
+    loss_c = terms_c["loss"]
     assert torch.isfinite(loss_c) and loss_c > 0
-    torch.testing.assert_close(loss_c, loss_d, rtol=1e-5, atol=1e-6)
+    assert terms_c.keys() == terms_d.keys()
+    for name in terms_c:
+        torch.testing.assert_close(terms_c[name], terms_d[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert ("thumb" in rows) == (heads is not None)  # thumbnails are cached only for the vae head
+    if heads is not None:
+        assert terms_c["loss_vae_rec"] > 0 and terms_c["metric_anchors"] > 0 and terms_c["loss_metric"] > 0
+        assert torch.equal(
+            rows["thumb"], thumbnails(batch["images"]) * batch["view_mask"][..., None, None, None]
+        )
     assert grads_c.keys() == grads_d.keys() and len(grads_c) > 4
     for name in grads_c:
         torch.testing.assert_close(grads_c[name], grads_d[name], rtol=1e-4, atol=1e-6, msg=name)

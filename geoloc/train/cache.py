@@ -6,7 +6,10 @@ eval loader spread over all ranks (each sample exactly once), gathered by sample
 sorted by id (so the table does not depend on the number of ranks) and saved under
 ``cfg.train.cache_dir/<key>/<split>.pt``. The key hashes everything the numbers depend on: backbone
 (name and file fingerprint, or the hub snapshot commit), pooling, input size, mean/std, compute dtype and
-the shard manifest.
+the shard manifest. When a head of the run reconstructs views (the ``vae`` head), each view's 16x16
+thumbnail (``geoloc.heads.thumbnails``) is stored beside its embedding, so that head trains on the cache
+too; such a cache has its own key (holding the thumbnail size), and a run without it keeps the cache it
+had.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from geoloc.errors import TrainingError
 from geoloc.faults import fault_point
+from geoloc.heads import THUMB_SIZE, thumbnails
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/geoloc/embeddings"
@@ -37,6 +41,7 @@ class EmbeddingTable:
     view_mask: torch.Tensor  # (N, V) bool
     label: torch.Tensor  # (N,) int64 contiguous class
     latlon: torch.Tensor  # (N, 2) float32 degrees
+    thumb: torch.Tensor | None = None  # (N, V, 3, T, T) uint8 per view (zeros where missing), or None
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -49,7 +54,7 @@ class EmbeddingTable:
             "label": self.label[index],
             "latlon": self.latlon[index],
             "sample_id": [self.sample_id[i] for i in index.tolist()],
-        }
+        } | ({} if self.thumb is None else {"thumb": self.thumb[index]})
 
 
 # ----------------------------------------------------------------------------- key and files
@@ -86,7 +91,16 @@ def cache_key(cfg, preprocess: dict, manifest: dict, dtype: torch.dtype) -> str:
         "dtype": str(dtype),
         "manifest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
     }
+    if with_thumbnails(cfg):  # only then: a run without the vae head keeps its cache
+        payload["thumbnail"] = THUMB_SIZE
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def with_thumbnails(cfg) -> bool:
+    """Whether a head of ``cfg.model.heads`` reconstructs views (and the cache must hold thumbnails)."""
+    from geoloc.heads import HEADS
+
+    return any(HEADS[h].needs_thumbnails for h in cfg.model.heads)
 
 
 def cache_root(cfg) -> Path:
@@ -109,18 +123,26 @@ def load_table(path: Path) -> EmbeddingTable:
 
 
 @torch.no_grad()
-def embed_batches(model, loader, preprocessor, device, dtype: torch.dtype, bar: dict) -> dict:
-    """This rank's share of a split through ``model.forward_features`` -> dict of CPU tensors and ids.
+def embed_batches(
+    model, loader, preprocessor, device, dtype: torch.dtype, bar: dict, thumbs: bool = False
+) -> dict:
+    """This rank's share of a split through ``model.forward_features`` -> dict of CPU tensors and ids
+    (and each view's thumbnail with ``thumbs``).
 
     ``bar``: tqdm keywords (desc, total, disable).
     """
     parts = {"sample_id": [], "emb": [], "view_mask": [], "label": [], "latlon": []}
+    if thumbs:
+        parts["thumb"] = []
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for batch in tqdm(loader, unit="batch", **bar):
         mask = batch["view_mask"].to(device, non_blocking=True)  # (B, V); pinned batches on CUDA
-        pixels = preprocessor(batch["images"].to(device, non_blocking=True))  # (B, V, 3, S, S)
+        images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, S, S) uint8
+        pixels = preprocessor(images)
         with autocast:
             parts["emb"].append(model.forward_features(pixels, mask).cpu())  # (B, V, D)
+        if thumbs:  # a missing view's garbage stays out: (B, V, 3, T, T) uint8
+            parts["thumb"].append((thumbnails(images) * mask[:, :, None, None, None]).cpu())
         for key in ("view_mask", "label", "latlon", "sample_id"):
             parts[key].append(batch[key])
         fault_point("cache.batch")  # crash tests: a cache half computed
@@ -161,6 +183,8 @@ def gather_table(accelerator, parts: dict, emb_dim: int, num_views: int) -> Embe
         "label": torch.zeros(0, dtype=torch.int64),
         "latlon": torch.zeros(0, 2),
     }
+    if "thumb" in parts:
+        fallback["thumb"] = torch.zeros(0, num_views, 3, THUMB_SIZE, THUMB_SIZE, dtype=torch.uint8)
     cols = {k: _gather_rows(accelerator, _cat(parts[k], v)) for k, v in fallback.items()}
     ids = [i for chunk in gather_object([[s for b in parts["sample_id"] for s in b]]) for i in chunk]
     if len(set(ids)) != len(ids):
@@ -181,7 +205,8 @@ def compute_tables(ctx, model, splits: tuple[str, ...]) -> dict[str, EmbeddingTa
         loader = ctx.eval_loader(split, cfg.train.eval_batch_size)  # each shard's count checked
         total = eval_batches(ctx.counts[split], cfg.train.eval_batch_size, acc.num_processes)
         bar = {"desc": f"embed {split}", "total": total, "disable": not acc.is_main_process}
-        parts = embed_batches(model, loader, ctx.preprocessor, acc.device, ctx.eval_dtype, bar)
+        thumbs = with_thumbnails(cfg)
+        parts = embed_batches(model, loader, ctx.preprocessor, acc.device, ctx.eval_dtype, bar, thumbs)
         tables[split] = gather_table(acc, parts, model.embed_dim, ctx.num_views)
         short = (
             len(tables[split]) < ctx.counts[split] and split == "train" and cfg.data.on_short_shard == "skip"

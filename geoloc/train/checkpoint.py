@@ -4,6 +4,7 @@ Layout of ``RUN/checkpoints/<tag>/``:
 
 - ``trainer_state.json``: ``{"seq", "tag", "saved_at", "state": <trainer's dict>, "run": <what the run
   was: config, labels, shards, world size>, "scheduler": <its state dict>, "ema": {decay, num_updates},
+  "stateful": {name: <JSON state of a registered object, e.g. the loss's bandit>},
   "files": {relative path: [size, sha256]}}`` (plain JSON);
 - ``rng-rank<R>.safetensors``: each rank's RNG states (torch CPU/CUDA as tensors, python and numpy as JSON
   in the metadata);
@@ -170,15 +171,20 @@ class CheckpointManager:
 
     ``run_info`` (JSON) describes the run (config, labels, shards, world size); it is saved with every
     checkpoint so that a resume can check it continues the same run (:mod:`geoloc.train.resume`).
+    ``stateful``: objects with a JSON ``state_dict()`` / ``load_state_dict()`` (the same on every rank,
+    e.g. the criterion) saved with every checkpoint and restored on load.
     """
 
-    def __init__(self, run_dir: str | Path, accelerator, keep: int, run_info: dict | None = None):
+    def __init__(
+        self, run_dir: str | Path, accelerator, keep: int, run_info: dict | None = None, stateful=None
+    ):
         if keep < 1:
             raise ValueError(f"keep={keep}: must keep at least one checkpoint")
         self.dir = Path(run_dir) / "checkpoints"
         self.accelerator = accelerator
         self.keep = keep
         self.run_info = run_info or {}
+        self.stateful = dict(stateful or {})
 
     @property
     def deepspeed(self) -> bool:
@@ -195,8 +201,9 @@ class CheckpointManager:
             raise ValueError(
                 f"checkpoint tag {tag!r}: use letters, digits, '_', '-', '.', not ending in .tmp"
             )
+        extra = {name: obj.state_dict() for name, obj in self.stateful.items()}
         try:
-            json.dumps(state)  # checked on every rank, so a bad state fails everywhere, not a hang
+            json.dumps([state, extra])  # checked on every rank, so a bad state fails everywhere, not a hang
         except (TypeError, ValueError) as err:
             raise ValueError(f"checkpoint {tag}: trainer state is not JSON-serialisable: {err}") from None
         acc, final, tmp = self.accelerator, self.dir / tag, self.dir / f"{tag}.tmp"
@@ -207,7 +214,7 @@ class CheckpointManager:
         self._write_parts(tmp, parts)
         acc.wait_for_everyone()  # every rank's files are in tmp before it is committed
         if acc.is_main_process:
-            self._commit(tag, state, parts, tmp, final)
+            self._commit(tag, {"state": state, "stateful": extra}, parts, tmp, final)
             self._prune()
         acc.wait_for_everyone()
         return final
@@ -232,12 +239,13 @@ class CheckpointManager:
             save_file({k: v.contiguous() for k, v in parts.ema.shadow.items()}, folder / EMA_FILE)
         fault_point("checkpoint.written")
 
-    def _commit(self, tag: str, state: dict, parts, tmp: Path, final: Path) -> None:
+    def _commit(self, tag: str, states: dict, parts, tmp: Path, final: Path) -> None:
         seq = max((seq for seq, _ in _finished(self.dir)), default=0) + 1
         ema = parts.ema
         meta = {
             "seq": seq, "tag": tag, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "state": state, "run": self.run_info, "scheduler": parts.scheduler.state_dict(),
+            "state": states["state"], "run": self.run_info, "scheduler": parts.scheduler.state_dict(),
+            "stateful": states["stateful"],
             "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.num_updates},
             "files": _file_table(tmp),
         }  # fmt: skip
@@ -346,9 +354,18 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: checkpoint and run disagree on EMA (train.ema_decay)")
         if parts.ema is not None:
             parts.ema.load_state_dict({**meta["ema"], "shadow": load_file(path / EMA_FILE)})
+        self._load_stateful(path, meta.get("stateful") or {})
         rng = path / RNG_FILE.format(rank=self.accelerator.process_index)
         if rng.is_file():  # absent when resuming on more ranks: those keep their fresh seeds
             from safetensors import safe_open
 
             with safe_open(rng, "pt") as f:
                 set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())  # noqa: SIM118
+
+    def _load_stateful(self, path: Path, saved: dict) -> None:
+        """Restore every registered object from the checkpoint's ``stateful`` (an absent entry is ``{}``)."""
+        for name, obj in self.stateful.items():
+            try:
+                obj.load_state_dict(saved.get(name, {}))
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{path}: {STATE_FILE} key 'stateful.{name}': {err}") from None

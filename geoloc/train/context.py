@@ -54,6 +54,7 @@ class LabelTables:
     dist: torch.Tensor  # (C, C) float32 km between centroids
     prior: dict  # geoloc.metrics.Prior.to_dict(): most frequent states and mean point
     cells: object = None  # geoloc.geocells.GeoCells (a "cell" head), else None
+    location: object = None  # geoloc.metric.LocationTables (a "metric" head), else None
 
     @property
     def sizes(self):
@@ -159,20 +160,33 @@ def label_tables(cfg: Config, encoder: LabelEncoder, states: np.ndarray, latlon:
 
         m = cfg.model
         cells, _ = build_geocells(latlon, states, m.cell_min_size, m.cell_max_size, cfg.train.seed)
+    location = None
+    if "metric" in cfg.model.heads:  # neighbouring states and the positive rate, from the same points
+        from geoloc.metric import location_tables
+
+        loss = cfg.loss
+        location = location_tables(latlon, classes, encoder.num_classes, loss.metric_neighbour_km,
+                                   loss.metric_d_pos_km)  # fmt: skip
     prior = Prior.fit(states, latlon).to_dict()
-    return LabelTables(encoder, centroids, distance_matrix(centroids), prior, cells)
+    return LabelTables(encoder, centroids, distance_matrix(centroids), prior, cells, location)
 
 
-def make_criterion(cfg: Config, labels: LabelTables, device):
-    """The loss terms of the model's heads and what they need, on the training device."""
+def make_criterion(cfg: Config, labels: LabelTables, device, accelerator=None):
+    """The loss terms of the model's heads and what they need, on the training device. ``accelerator``:
+    the metric head's batch gather on several ranks (None: mining within each rank's batch)."""
     from geoloc.heads import Targets
     from geoloc.losses import Criterion
 
     cells = None if labels.cells is None else torch.as_tensor(labels.cells.centroid, dtype=torch.float32)
+    metric = None
+    if labels.location is not None:
+        from geoloc.metric import build_miner
+
+        metric = build_miner(cfg, labels.location, device, accelerator)
     targets = Targets(
         centroids=labels.centroids.to(device), dist=labels.dist.to(device),
         cell_centroids=None if cells is None else cells.to(device), soft_labels=cfg.loss.soft_labels,
-        tau_km=cfg.loss.tau_km, gps_loss=cfg.loss.gps_loss,
+        tau_km=cfg.loss.tau_km, gps_loss=cfg.loss.gps_loss, metric=metric, vae_kl_weight=cfg.loss.vae_kl_weight,
     )  # fmt: skip
     return Criterion(cfg.model.heads, cfg.loss.weights, targets)
 
@@ -238,8 +252,15 @@ def prepare_context(cfg: Config, opts: RunOptions) -> RunContext:
     info = run_info(
         config_to_dict(cfg), manifest, splits, accelerator.num_processes, is_deepspeed(accelerator)
     )
-    checkpoints = CheckpointManager(run_dir, accelerator, cfg.train.keep_checkpoints, info)
-    criterion = make_criterion(cfg, labels, accelerator.device)
+    criterion = make_criterion(cfg, labels, accelerator.device, accelerator)
+    if labels.location is not None:
+        from geoloc.metric import positives_note
+
+        accelerator.print(positives_note(cfg, labels.location, accelerator.num_processes))
+    # the criterion's state (the metric head's bandit) goes into every checkpoint as JSON
+    checkpoints = CheckpointManager(
+        run_dir, accelerator, cfg.train.keep_checkpoints, info, {"loss": criterion}
+    )
     return RunContext(
         cfg, opts, accelerator, run_dir, data, shards, counts, manifest, labels, preprocess, preprocessor,
         tracker, checkpoints, criterion,

@@ -86,9 +86,7 @@ def check_finite(
 
 def compute_loss(ctx: RunContext, out: dict, batch: dict) -> dict[str, torch.Tensor]:
     """The criterion's named terms (``loss`` and ``loss_<head>``) for one batch, in fp32."""
-    device = ctx.accelerator.device
-    targets = {"label": batch["label"].to(device), "latlon": batch["latlon"].to(device)}  # (B,), (B, 2)
-    return ctx.criterion(out, targets)
+    return ctx.criterion(out, ctx.criterion.loss_batch(batch, ctx.accelerator.device))
 
 
 def window_size(i: int, num_batches: int, grad_accum: int) -> int:
