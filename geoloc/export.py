@@ -461,7 +461,7 @@ def check_hub_config(path: str | Path, loaded: LoadedModel) -> dict:
     """``config.json`` of ``path`` as a dict, checked against the files ``loaded`` came from; a missing
     one is derived (a directory exported before hub support). Errors name the file and key."""
     path = Path(path)
-    vision = read_json_mapping(path / BACKBONE_CONFIG, BACKBONE_KEYS)
+    vision = read_backbone_config(path)
     want = hub_config_dict(loaded.meta, vision, config_to_dict(loaded.cfg)["model"])
     if not (path / HUB_CONFIG).is_file():
         log.warning("%s: no %s (exported before hub support): derived from %s", path, HUB_CONFIG, META)

@@ -41,13 +41,15 @@ class HubLoadError(GeolocError, ValueError):
 
 
 class GeolocConfig(PretrainedConfig):
-    """``config.json`` of an exported model: the shapes (CLIP vision config, pooling, the run's ``model``
+    """``config.json`` of an exported model: the shapes (the backbone's vision config of any family, pooling, the run's ``model``
     config section, classes, cells) and the label mapping; ``geoloc.json`` stays the source of truth."""
 
     model_type = MODEL_TYPE
     geoloc_format: int = FORMAT_VERSION
     geoloc_meta: str = META  # the file that holds everything else (encoder, cells, decoder, prior, ...)
-    clip_vision: dict | None = None  # backbone_config.json's content
+    clip_vision: dict | None = (
+        None  # backbone_config.json's content (CLIP, DINOv2 or SigLIP; name kept for format 2)
+    )
     pooling: str = "projection"
     geoloc_model: dict | None = (
         None  # the resolved config's `model` section (fusion, heads, head_hidden, ...)

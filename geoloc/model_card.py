@@ -28,6 +28,8 @@ LICENCES = (
         "StreetCLIP's weights are licensed CC-BY-NC-4.0: **non-commercial use only**",
     ),
     ("openai/clip", "mit", "OpenAI CLIP's weights are licensed MIT"),
+    ("facebook/dinov2", "apache-2.0", "Meta's DINOv2 weights are licensed Apache-2.0"),
+    ("google/siglip", "apache-2.0", "Google's SigLIP weights are licensed Apache-2.0"),
 )
 UNKNOWN_LICENCE = (
     "unknown",
@@ -215,7 +217,7 @@ def summary_section(meta: dict, backbone: str) -> str:
     heads, decoder = "+".join(meta["heads"]), meta.get("decoder", {})
     return (
         f"# geoloc model: `{backbone}` backbone, {heads} heads\n\n"
-        f"A geoloc model (PIGEON-style): a CLIP vision backbone shared over four views, "
+        f"A geoloc model (PIGEON-style): a vision backbone shared over four views, "
         f"{meta.get('fusion', '?')} fusion, heads {heads}. Default decoding: state "
         f"`{decoder.get('state', '?')}`, point `{decoder.get('gps', '?')}`."
     )

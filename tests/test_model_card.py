@@ -71,6 +71,8 @@ def _split(card: str) -> tuple[dict, str]:
         ("geolocal/StreetCLIP", "cc-by-nc-4.0"),
         ("/models/streetclip-copy", "cc-by-nc-4.0"),
         ("openai/clip-vit-large-patch14-336", "mit"),
+        ("facebook/dinov2-large", "apache-2.0"),
+        ("google/siglip-so400m-patch14-384", "apache-2.0"),
         ("someone/other-clip", "unknown"),
     ],
 )

@@ -63,6 +63,10 @@ def test_searched_keys_follow_the_heads_the_trial_kind_and_fixed_overrides():
     cells = load_config(overrides=["model.heads=[cell,gps]"])
     keys = searched_keys(cells, False, override_keys(["model.heads=[cell,gps]", "loss.tau_km=30"]))
     assert "loss.weights.cell" in keys and "loss.weights.state" not in keys and "loss.tau_km" not in keys
+    aux = ("loss.weights.metric", "loss.metric_loss", "loss.metric_d_pos_km", "loss.weights.vae")
+    assert not set(aux) & set(full)  # no metric or vae head by default
+    with_aux = searched_keys(load_config(overrides=["model.heads=[state,gps,metric,vae]"]), False, set())
+    assert set(aux) <= set(with_aux)
     assert searched_keys(cfg, False, set(), ["model.fusion"]) == ["model.fusion"]
     with pytest.raises(ConfigError, match="--params train.nope: not in the search space"):
         searched_keys(cfg, False, set(), ["train.nope", "model.fusion"])

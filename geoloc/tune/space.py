@@ -10,7 +10,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from geoloc.config import FUSIONS, SOFT_LABEL_MODES, Config, ConfigError, config_from_dict, config_to_dict
+from geoloc.config import (
+    FUSIONS,
+    METRIC_LOSSES,
+    SOFT_LABEL_MODES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,10 @@ SPACE: dict[str, Dim] = {
     "loss.weights.state": Dim(0.1, 1.0, head="state"),
     "loss.weights.gps": Dim(0.0, 1.0, head="gps"),
     "loss.weights.cell": Dim(0.1, 1.0, head="cell"),
-    # a new head's keys go here, e.g. metric learning:
-    # "loss.weights.embed": Dim(0.0, 1.0, head="embed"),
+    "loss.weights.metric": Dim(0.0, 1.0, head="metric"),
+    "loss.metric_loss": Dim(choices=METRIC_LOSSES, head="metric"),
+    "loss.metric_d_pos_km": Dim(50.0, 1000.0, log=True, head="metric"),
+    "loss.weights.vae": Dim(0.0, 2.0, head="vae"),
 }
 
 
