@@ -2,7 +2,8 @@
 generated set at the same size and budget.
 
     OMP_NUM_THREADS=2 python bench/backbones.py --work-dir /tmp/backbones [--seeds 0 1] [--n-train 3000] \
-        [--epochs 6] [--finetune-epochs 1] [--skip-train] [--out backbones.json]
+        [--epochs 6] [--finetune-epochs 1] [--variants clip-projection dinov2-cls ...] [--skip-train] \
+        [--skip-cost] [--out backbones.json]
 
 Cost (no training): forward FLOPs per image counted by ``torch.utils.flop_counter`` on the meta device
 (eager attention, so the attention matmuls are counted), parameters, and the forward time per image on
@@ -19,6 +20,7 @@ fine-tuning, the same overrides for all) and ``infer.py --eval`` on val with the
 Random weights say little about the released checkpoints (which this machine cannot download): what a
 real DINOv2 or SigLIP gives for geolocation is decided by their pretraining, not by what is measured
 here. The rows show that each family trains end to end through the same code at the same budget.
+A run whose report exists in ``--work-dir`` is reused (an interrupted bench continues where it stopped).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6, help="frozen-phase epochs of every run")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of every run")
     p.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds of the cost table")
+    p.add_argument("--variants", nargs="*", help="only these quality runs, e.g. dinov2-cls siglip-mean")
     p.add_argument("--skip-train", action="store_true", help="only the cost table")
+    p.add_argument("--skip-cost", action="store_true", help="only the quality table")
     p.add_argument("--out", type=Path, help="write both tables as JSON here")
     return p.parse_args(argv)
 
@@ -186,6 +190,7 @@ def prepare(work: Path, args, seed: int) -> tuple[Path, dict[str, Path]]:
 
 
 def quality_rows(args, seed: int) -> list[dict]:
+    """One row per (family, pooling): train.py, then infer.py --eval; a finished run is reused."""
     from ablation import evaluate, train
 
     work = args.work_dir / f"seed{seed}"
@@ -193,15 +198,22 @@ def quality_rows(args, seed: int) -> list[dict]:
     rows = []
     for family, pooling in VARIANTS:
         name = f"{family}-{pooling}"
+        if args.variants and name not in args.variants:
+            continue
         run = work / "runs" / name
-        t0 = time.perf_counter()
-        model = train(shards, dirs[family], run, work / "cache", [f"model.pooling={pooling}"], args, seed,
-                      args.finetune_epochs)  # fmt: skip
-        seconds = time.perf_counter() - t0
-        report = evaluate(model, shards, run / "report")
-        rows.append({"family": family, "pooling": pooling, "seed": seed, "train_s": seconds,
+        if not (run / "report" / "report.json").is_file():
+            model = train(shards, dirs[family], run, work / "cache", [f"model.pooling={pooling}"], args, seed,
+                          args.finetune_epochs)  # fmt: skip
+            evaluate(model, shards, run / "report")
+        report = json.loads((run / "report" / "report.json").read_text())
+        rows.append({"family": family, "pooling": pooling, "seed": seed, "train_s": train_seconds(run),
                      **{k: report[k] for k in KEYS}})  # fmt: skip
     return rows
+
+
+def train_seconds(run: Path) -> float:
+    """train.py's wall time after start-up: from its config.yaml to its exported geoloc.json."""
+    return (run / "model" / "geoloc.json").stat().st_mtime - (run / "config.yaml").stat().st_mtime
 
 
 def print_quality(rows: list[dict]) -> None:
@@ -224,8 +236,9 @@ def main(argv=None) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.perf_counter()
-    cost = cost_rows(args.rounds)
-    print_cost(cost)
+    cost = [] if args.skip_cost else cost_rows(args.rounds)
+    if cost:
+        print_cost(cost)
     quality = [] if args.skip_train else [r for seed in args.seeds for r in quality_rows(args, seed)]
     if quality:
         print_quality(quality)
