@@ -54,31 +54,48 @@ def fake_labels(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
 def criterion(heads: list[str], latlon: np.ndarray, classes: np.ndarray) -> Criterion:
     from types import SimpleNamespace
 
-    centroids = torch.tensor([latlon[classes == c].mean(0) for c in range(NUM_CLASSES)], dtype=torch.float32)
+    centroids = torch.tensor(
+        np.stack([latlon[classes == c].mean(0) for c in range(NUM_CLASSES)]), dtype=torch.float32
+    )
     loss = LossConfig()
     metric = None
     if "metric" in heads:
         tables = location_tables(latlon, classes, NUM_CLASSES, loss.metric_neighbour_km, loss.metric_d_pos_km)
         metric = build_miner(SimpleNamespace(loss=loss), tables, "cpu")
-    targets = Targets(centroids, distance_matrix(centroids), None, "sample", 75.0, "haversine", metric=metric)
+    targets = Targets(
+        centroids, distance_matrix(centroids), None, "sample", loss.tau_km, "haversine", metric=metric
+    )
     return Criterion(heads, loss.weights, targets)
 
 
-def time_variant(heads: list[str], args, batches: list[dict], latlon, classes) -> float:
+def make_step(heads: list[str], args, latlon, classes):
+    """One variant's training step on a batch: forward_head + criterion + backward + AdamW."""
     torch.manual_seed(0)
     model = GeoModel(torch.nn.Identity(), args.dim, ModelConfig(heads=heads), HeadSizes(NUM_CLASSES))
     opt = torch.optim.AdamW(head_parameters(model), lr=1e-3)
     crit = criterion(heads, latlon, classes)
-    times = []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        out = model.forward_head(batch["emb"], batch["view_mask"])
+
+    def step(batch: dict) -> None:
+        out = model.forward_head(batch["emb"], batch["view_mask"])  # heads' outputs of (B, V, D) embeddings
         crit(out, crit.loss_batch(batch, "cpu"))["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return step
+
+
+def time_variants(args, batches: list[dict], latlon, classes) -> dict[str, float]:
+    """Median step time per variant, the variants interleaved batch by batch (round robin) so that a
+    change in the machine's load hits every variant alike; the first 3 batches warm up."""
+    steps = {name: make_step(heads, args, latlon, classes) for name, heads in VARIANTS.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, batch in enumerate(batches):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(batch)
+            if i >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_batches(args, latlon, classes) -> list[dict]:
@@ -102,7 +119,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     location_tables(latlon, classes, NUM_CLASSES, 100.0, 250.0)
     setup = time.perf_counter() - t0
-    times = {name: time_variant(heads, args, batches, latlon, classes) for name, heads in VARIANTS.items()}
+    times = time_variants(args, batches, latlon, classes)
     base = times["state+gps"]
     print(
         f"\nphase-1 step on cached embeddings, batch {args.batch}, D {args.dim}, {torch.get_num_threads()} threads"

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from _hub_checks import check_hub_export
 from _train_helpers import check, export_meta, read_metrics, run_train, train_args, val_records
 from safetensors.torch import load_file
 
@@ -55,6 +56,18 @@ def test_both_phases_train_and_validate(family_run):
     assert meta["pooling"] == RUNS[family][0].split("=")[1] and meta["preprocess"]["image_size"] == 56
     (key,) = [d.name for d in (run.parent / "cache").iterdir() if d.is_dir()]  # one cached table set
     assert (run.parent / "cache" / key / "train.pt").is_file()
+
+
+def test_the_export_is_a_hub_model_of_its_family(family_run):
+    """GeolocModel.from_pretrained rebuilds the DINOv2 / SigLIP tower from config.json and predicts what
+    load_model_dir predicts, bit for bit."""
+    family, _, run = family_run
+    check_hub_export(run / "model")
+    hub_config = json.loads((run / "model" / "config.json").read_text())
+    assert (
+        hub_config["clip_vision"]["model_type"]
+        == {"dinov2": "dinov2", "siglip": "siglip_vision_model"}[family]
+    )
 
 
 def test_phase_2_changes_exactly_the_unfrozen_blocks(family_run):
