@@ -1,7 +1,7 @@
 """An exported model directory as a transformers model: ``GeolocModel.from_pretrained(dir)``.
 
 :class:`GeolocConfig` (``model_type = "geoloc"``) is what ``config.json`` holds (written at export by
-``geoloc.export.hub_config_dict``); :class:`GeolocModel` is a ``PreTrainedModel`` whose modules ARE a
+``geoloc.hub_config.hub_config_dict``); :class:`GeolocModel` is a ``PreTrainedModel`` whose modules ARE a
 ``GeoModel``'s (``backbone``, ``fusion``, ``norm``, ``heads``), so its state-dict keys are exactly those of
 ``model.safetensors`` and one weights file serves both loaders. Importing this module registers both
 classes with ``AutoConfig`` / ``AutoModel``, so ``AutoModel.from_pretrained(dir)`` works too.
@@ -26,7 +26,8 @@ import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from geoloc.errors import GeolocError
-from geoloc.export import FORMAT_VERSION, META, MODEL_TYPE, LoadedModel, check_hub_config, load_model_dir
+from geoloc.export import FORMAT_VERSION, META, MODEL_TYPE, LoadedModel, load_model_dir
+from geoloc.hub_config import check_hub_config
 from geoloc.model import GeoModel
 
 # what AutoModel and transformers' hub plumbing pass on to ``from_pretrained``; none of it changes what a

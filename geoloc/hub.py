@@ -66,7 +66,8 @@ def check_push_target(repo_id: str, token: str | None = None) -> str:
 def verify_model_dir(model_dir: Path) -> None:
     """The directory loads as exported (every file, the weights' and index's checksums) and has its hub
     files; a broken one is never uploaded."""
-    from geoloc.export import HUB_CONFIG, ModelDirError, check_hub_config, load_model_dir
+    from geoloc.export import HUB_CONFIG, ModelDirError, load_model_dir
+    from geoloc.hub_config import check_hub_config
     from geoloc.model_card import CARD
 
     missing = [name for name in (HUB_CONFIG, CARD) if not (model_dir / name).is_file()]
