@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 
@@ -16,12 +17,19 @@ def default_workers() -> int:
 @contextmanager
 def ordered_map(workers: int):
     """An ``imap(fn, items, chunksize)`` giving results in item order whatever ``workers`` is, so the
-    output never depends on it; the pool is terminated on exit (an error stops the other workers)."""
+    output never depends on it. On exit (also by an error) the tasks not started are cancelled and the
+    running ones are waited for: no one writes after this.
+
+    A ``ProcessPoolExecutor``, not ``multiprocessing.Pool``: ``Pool.terminate()`` after a worker's error
+    can deadlock (its task-feeding thread blocks on the queue's lock while the pool joins it; seen here
+    as a hang of the sharding tests), and a worker killed by the OS hangs a ``Pool`` but raises
+    ``BrokenProcessPool`` from an executor."""
     if workers <= 1:
         yield lambda fn, items, chunksize=1: map(fn, items)
         return
-    pool = mp.get_context("spawn").Pool(workers)  # spawn: no fork of a parent holding torch/OpenMP threads
+    # spawn: no fork of a parent holding torch/OpenMP threads
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
     try:
-        yield pool.imap
+        yield lambda fn, items, chunksize=1: pool.map(fn, items, chunksize=chunksize)
     finally:
-        pool.terminate()  # also joins the workers: no one writes after this
+        pool.shutdown(wait=True, cancel_futures=True)
