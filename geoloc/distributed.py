@@ -69,11 +69,14 @@ def timeout_message(rank: int, timeout_s: float, where: str) -> str:
 
 
 def shutdown() -> None:
-    """Destroy the process group after a successful run (left to interpreter exit, gloo's threads can
-    abort the process with "terminate called without an active exception")."""
+    """Destroy the process group after a successful run, on every rank at once (left to interpreter exit,
+    gloo's threads can abort the process with "terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # every rank leaves together: a rank that destroyed its group while the main rank was still
+        # writing its report (infer.py --eval's t-SNE) aborted the same way, under gloo
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -401,9 +401,10 @@ def test_build_index_makes_the_winning_decoder_the_objective(tiny_shards, tiny_c
 
 
 def test_wandb_runs_are_grouped_by_study(tiny_shards, tiny_clip_dir, cache_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    wandb.setup()  # as after an earlier wandb run in this process: wandb no longer reads the variables
     out = tmp_path / "out"
     args = tune_args(tiny_shards, tiny_clip_dir, out, cache_dir, "--n-trials", "1", "--report-to", "wandb",
                      "--study-name", "grouped-study-x7")  # fmt: skip
@@ -466,9 +467,12 @@ def test_under_accelerate_every_rank_runs_every_trial_and_rank_0_leads(
     meta = json.loads((run_dir / "model" / "geoloc.json").read_text())
     assert meta["extra"]["num_processes"] == nproc
     assert study.trials[0].value == pytest.approx(max(r["val/score"] for r in val_records(run_dir).values()))
-    shared = [line for line in proc.trace.get(0, []) if "geoloc/tune/" in line]
+    shared = [
+        line for line in proc.trace.get(0, []) if line.startswith("broadcast_object_list @ geoloc/tune/")
+    ]
     if nproc > 1:
         assert len(proc.trace) == nproc
         # trial 0 and its 2 epochs, trial 1 and its 1 epoch, the stop
         assert len(shared) == 6, proc.trace[0]
+        assert proc.trace[0][-1].startswith("barrier @ geoloc/tune/cli.py")  # every rank leaves together
     assert len(read_metrics(out / "geoloc" / "trial-0001")) > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -66,7 +67,14 @@ class MetricsLogger:
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.tracking:
-            init_kwargs = {"wandb": {"dir": str(self.run_dir)}}
+            # wandb reads WANDB_RUN_GROUP / WANDB_NAME only at its first setup in a process: a process that
+            # runs several runs (the tuner's trials) passes them to every init
+            names = {
+                k: os.environ[v]
+                for k, v in (("group", "WANDB_RUN_GROUP"), ("name", "WANDB_NAME"))
+                if os.environ.get(v)
+            }
+            init_kwargs = {"wandb": {"dir": str(self.run_dir), **names}}
             accelerator.init_trackers(PROJECT, config=config or {}, init_kwargs=init_kwargs)
 
     def log(self, metrics: dict, step: int) -> None:
