@@ -235,6 +235,7 @@ def test_damaged_checkpoints_are_skipped_by_latest_and_refused_by_load(setup, tm
 _TWO_RANKS = """
 import sys, torch
 from accelerate import Accelerator
+from geoloc.distributed import shutdown
 from geoloc.train.checkpoint import CheckpointManager
 acc = Accelerator(cpu=True)
 assert acc.num_processes == 2
@@ -255,8 +256,7 @@ after_save = torch.rand(1)
 torch.rand(5)
 assert ckpts.load("latest", parts) == {"step": 2}
 assert torch.equal(torch.rand(1), after_save)  # each rank gets its own RNG back
-acc.wait_for_everyone()
-torch.distributed.destroy_process_group()
+shutdown()
 """
 
 
@@ -284,6 +284,7 @@ _DEEPSPEED = """
 import sys, torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from geoloc.distributed import shutdown
 from geoloc.train.checkpoint import CheckpointManager
 run_dir, ds_json = sys.argv[1], sys.argv[2]
 plugin = DeepSpeedPlugin(hf_ds_config=ds_json)  # the shipped JSON; the batch size comes from the trainer
@@ -319,7 +320,7 @@ assert ckpts.load("latest", parts) == {"step": 3}
 assert all(torch.equal(saved[k], v) for k, v in weights().items())
 train(3)
 assert all(torch.allclose(uninterrupted[k], v) for k, v in weights().items())
-torch.distributed.destroy_process_group()
+shutdown()  # a barrier, then every rank destroys its group at once (a rank left behind could abort)
 """
 
 

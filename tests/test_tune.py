@@ -441,7 +441,10 @@ def test_a_study_killed_mid_trial_resumes_keeping_its_trials_and_retrying_the_lo
     study = load(out)
     assert states(study) == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert [(t.number, t.value, t.params) for t in study.trials[:2]] == kept
-    assert study.trials[3].params == lost and study.trials[3].system_attrs["failed_trial"] == 2
+    # the lost trial runs again with its values: as trial 3, or as trial 4 when the resumed process asked
+    # for its first trial within the heartbeat's grace period (2 s after the kill: not stale yet)
+    retried = [t for t in study.trials[3:] if t.system_attrs.get("failed_trial") == 2]
+    assert len(retried) == 1 and retried[0].params == lost
     assert (out / "geoloc" / "best.yaml").is_file()
     assert all(math.isfinite(t.value) for t in study.trials if t.state.name == "COMPLETE")
 
